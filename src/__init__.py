@@ -1,0 +1,1 @@
+"""RWKV-6 (x060) fine-tuning with Bone adapters."""

@@ -1,0 +1,3 @@
+from .wkv6 import OPS, wkv6
+
+__all__ = ["OPS", "wkv6"]

@@ -1,0 +1,131 @@
+"""Chunked WKV6 for the CPU: the recurrence as batched tensor products within chunks.
+
+Within a chunk of L steps, with lw = -exp(w) the log decay, c the inclusive cumulative
+sum of lw inside the chunk and p the exclusive one (p_t = c_{t-1}, p_0 = 0):
+
+    y_t   = sum_{s<t} A[t, s] v_s  +  b_t v_t  +  (r_t * exp(p_t)) @ S_start
+    A[t, s] = sum_j r_t[j] k_s[j] exp(p_t[j] - c_s[j])        b_t = sum_j r_t[j] u[j] k_t[j]
+    S_end = exp(c_last)[:, None] * S_start + (k * exp(c_last - c))^T @ v
+
+Every exponent is a sum of log decays, hence <= 0: nothing overflows for any decay,
+however strong, so the chunk length is a speed choice only. The cumulative sums are
+taken in float64 so that their differences keep fp32 precision when the sums are
+large (strong decay). The backward pass is written out by hand: autograd over the
+same steps is about 3x slower and keeps several L x L x N temporaries alive.
+"""
+import torch
+
+DEFAULT_CHUNK_LEN = 8
+
+
+def wkv6_cpu(r, k, v, w, u, state=None, chunk_len=DEFAULT_CHUNK_LEN):
+    """Same contract as `src.ops.wkv6.wkv6`: y comes back in r's dtype, the state in fp32."""
+    if state is None:
+        B, _, H, N = r.shape
+        state = torch.zeros(B, H, N, N, device=r.device)
+    return _ChunkedWKV6.apply(r, k, v, w, u, state, chunk_len)
+
+
+def _to_chunks(x, L):
+    """[B, T, H, N] -> [B, H, n_chunks, L, N] in fp32, zero-padded at the end of time."""
+    B, T, H, N = x.shape
+    pad = -T % L
+    x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4)
+
+
+def _from_chunks(x, T, dtype):
+    B, H, C, L, N = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
+
+
+class _ChunkedWKV6(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, s0, chunk_len):
+        ctx.dtypes = [x.dtype for x in (r, k, v, w, u, s0)]
+        T = r.shape[1]
+        L = min(chunk_len, T)
+        # Padded steps have k = 0 (add nothing) and lw = 0 (decay 1): the state passes through.
+        r, k, v = _to_chunks(r, L), _to_chunks(k, L), _to_chunks(v, L)
+        lw = _to_chunks(-torch.exp(w.float()), L)
+        u = u.float()[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
+        c = torch.cumsum(lw.double(), dim=-2)
+        p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
+        c_last = c[..., -1:, :]
+
+        causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]
+        decay_ts = (p.unsqueeze(-2) - c.unsqueeze(-3)).float().masked_fill_(~causal, -torch.inf).exp_()
+        A = (decay_ts * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)       # [B, H, C, L(t), L(s)]
+        b = (r * u * k).sum(-1, keepdim=True)                            # [B, H, C, L, 1]
+
+        from_start = p.float().exp()              # decay from the chunk start to just before t
+        to_end = (c_last - c).float().exp()       # decay from just after s to the chunk end
+        chunk_decay = c_last.float().exp().transpose(-1, -2)              # [B, H, C, N, 1]
+        kv = (k * to_end).transpose(-1, -2) @ v                           # [B, H, C, N, N]
+        states = _scan(kv, chunk_decay, s0.float(), reverse=False)       # [B, H, C + 1, N, N]
+        starts, s = states[:, :, :-1], states[:, :, -1]
+
+        y = A @ v + b * v + (r * from_start) @ starts
+        ctx.save_for_backward(r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts)
+        return _from_chunks(y, T, ctx.dtypes[0]), s
+
+    @staticmethod
+    def backward(ctx, gy, gs_end):
+        r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts = ctx.saved_tensors
+        T = gy.shape[1]
+        gy = _to_chunks(gy, r.shape[3])
+        q, k_end = r * from_start, k * to_end
+
+        # State gradient back through the chunks: gs_next[:, :, i] = dLoss/dS at the end of chunk i.
+        gs_end = torch.zeros_like(starts[:, :, 0]) if gs_end is None else gs_end.float()
+        g_states = _scan(q.transpose(-1, -2) @ gy, chunk_decay, gs_end, reverse=True)
+        gs, gs_next = g_states[:, :, 0], g_states[:, :, 1:]
+
+        gA = (gy @ v.transpose(-1, -2)).tril_(-1)
+        gb = (gy * v).sum(-1, keepdim=True)
+        gq = gy @ starts.transpose(-1, -2)
+        gk_end = v @ gs_next.transpose(-1, -2)
+        gv = A.transpose(-1, -2) @ gy + b * gy + k_end @ gs_next
+
+        g_decay = gA.unsqueeze(-1) * decay_ts                             # [B, H, C, L(t), L(s), N]
+        g_decay_r = g_decay * r.unsqueeze(-2)
+        gr_A = (g_decay * k.unsqueeze(-3)).sum(-2)
+        gk_A = g_decay_r.sum(-3)
+        gr = gr_A + gb * u * k + gq * from_start
+        gk = gk_A + gb * u * r + gk_end * to_end
+        gu = (gb * r * k).sum((0, 2, 3))
+
+        # dLoss/dlw[m] gathers each term over exactly the steps m its exponent spans; summing
+        # them directly (not as a total minus a cumulative sum) avoids cancellation.
+        #   A[t, s]: s < m < t      q[t]: m < t      k_end[s]: m > s      chunk decay: every m
+        pair_terms = (g_decay_r * k.unsqueeze(-3)).cumsum(-2)             # sum over s' <= s
+        pair_terms = torch.nn.functional.pad(pair_terms, (0, 0, 1, 0))[..., :-1, :]
+        later = torch.ones(L := r.shape[3], L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]
+        g_lw = pair_terms.masked_fill_(~later, 0).sum(-3)
+        g_lw += _exclusive_cumsum((gq * q).flip(-2)).flip(-2)
+        g_lw += _exclusive_cumsum(gk_end * k_end)
+        g_lw += ((starts * gs_next).sum(-1, keepdim=True) * chunk_decay).transpose(-1, -2)
+        gw = g_lw * lw
+
+        dt = ctx.dtypes
+        grads = [_from_chunks(g, T, d) for g, d in zip((gr, gk, gv, gw), dt[:4])]
+        return (*grads, gu.to(dt[4]), gs.to(dt[5]), None)
+
+
+
+def _exclusive_cumsum(x):
+    """Sum over the earlier steps of a chunk (dim -2), not including the step itself."""
+    return torch.nn.functional.pad(x.cumsum(-2), (0, 0, 1, 0))[..., :-1, :]
+
+
+def _scan(increments, decay, first, reverse):
+    """The chunk-level recurrence x_{i+1} = decay_i * x_i + increments_i, run forward, or
+    backward (x_i = decay_i * x_{i+1} + increments_i). Returns all C + 1 values along dim 2."""
+    B, H, C = increments.shape[:3]
+    out = increments.new_empty(B, H, C + 1, *increments.shape[3:])
+    order = range(C - 1, -1, -1) if reverse else range(C)
+    src, dst = (1, 0) if reverse else (0, 1)
+    out[:, :, C if reverse else 0] = first
+    for i in order:
+        torch.addcmul(increments[:, :, i], decay[:, :, i], out[:, :, i + src], out=out[:, :, i + dst])
+    return out

@@ -22,15 +22,15 @@ def wkv6_cpu(r, k, v, w, u, state=None, chunk_len=DEFAULT_CHUNK_LEN):
     """Same contract as `src.ops.wkv6.wkv6`: y comes back in r's dtype, the state in fp32."""
     if state is None:
         B, _, H, N = r.shape
-        state = torch.zeros(B, H, N, N, device=r.device)
+        state = torch.zeros(B, H, N, N, device=r.device, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
     return _ChunkedWKV6.apply(r, k, v, w, u, state, chunk_len)
 
 
-def _to_chunks(x, L):
-    """[B, T, H, N] -> [B, H, n_chunks, L, N] in fp32, zero-padded at the end of time."""
+def _to_chunks(x, L, dtype):
+    """[B, T, H, N] -> [B, H, n_chunks, L, N] in `dtype`, zero-padded at the end of time."""
     B, T, H, N = x.shape
     pad = -T % L
-    x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
     return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4)
 
 
@@ -43,26 +43,28 @@ class _ChunkedWKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0, chunk_len):
         ctx.dtypes = [x.dtype for x in (r, k, v, w, u, s0)]
+        # fp32 math for bf16/fp16/fp32 inputs; float64 inputs stay float64 (for gradcheck).
+        f = ctx.compute_dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
         T = r.shape[1]
         L = min(chunk_len, T)
         # Padded steps have k = 0 (add nothing) and lw = 0 (decay 1): the state passes through.
-        r, k, v = _to_chunks(r, L), _to_chunks(k, L), _to_chunks(v, L)
-        lw = _to_chunks(-torch.exp(w.float()), L)
-        u = u.float()[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
+        r, k, v = _to_chunks(r, L, f), _to_chunks(k, L, f), _to_chunks(v, L, f)
+        lw = _to_chunks(-torch.exp(w.to(f)), L, f)
+        u = u.to(f)[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
         c = torch.cumsum(lw.double(), dim=-2)
         p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
         c_last = c[..., -1:, :]
 
         causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]
-        decay_ts = (p.unsqueeze(-2) - c.unsqueeze(-3)).float().masked_fill_(~causal, -torch.inf).exp_()
+        decay_ts = (p.unsqueeze(-2) - c.unsqueeze(-3)).to(f).masked_fill_(~causal, -torch.inf).exp_()
         A = (decay_ts * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)       # [B, H, C, L(t), L(s)]
         b = (r * u * k).sum(-1, keepdim=True)                            # [B, H, C, L, 1]
 
-        from_start = p.float().exp()              # decay from the chunk start to just before t
-        to_end = (c_last - c).float().exp()       # decay from just after s to the chunk end
-        chunk_decay = c_last.float().exp().transpose(-1, -2)              # [B, H, C, N, 1]
+        from_start = p.to(f).exp()              # decay from the chunk start to just before t
+        to_end = (c_last - c).to(f).exp()       # decay from just after s to the chunk end
+        chunk_decay = c_last.to(f).exp().transpose(-1, -2)              # [B, H, C, N, 1]
         kv = (k * to_end).transpose(-1, -2) @ v                           # [B, H, C, N, N]
-        states = _scan(kv, chunk_decay, s0.float(), reverse=False)       # [B, H, C + 1, N, N]
+        states = _scan(kv, chunk_decay, s0.to(f), reverse=False)       # [B, H, C + 1, N, N]
         starts, s = states[:, :, :-1], states[:, :, -1]
 
         y = A @ v + b * v + (r * from_start) @ starts
@@ -73,11 +75,11 @@ class _ChunkedWKV6(torch.autograd.Function):
     def backward(ctx, gy, gs_end):
         r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts = ctx.saved_tensors
         T = gy.shape[1]
-        gy = _to_chunks(gy, r.shape[3])
+        gy = _to_chunks(gy, r.shape[3], ctx.compute_dtype)
         q, k_end = r * from_start, k * to_end
 
         # State gradient back through the chunks: gs_next[:, :, i] = dLoss/dS at the end of chunk i.
-        gs_end = torch.zeros_like(starts[:, :, 0]) if gs_end is None else gs_end.float()
+        gs_end = torch.zeros_like(starts[:, :, 0]) if gs_end is None else gs_end.to(ctx.compute_dtype)
         g_states = _scan(q.transpose(-1, -2) @ gy, chunk_decay, gs_end, reverse=True)
         gs, gs_next = g_states[:, :, 0], g_states[:, :, 1:]
 

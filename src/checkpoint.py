@@ -1,0 +1,122 @@
+"""Reading and writing official-layout .pth files, and fresh x060 weights."""
+import math
+import os
+import tempfile
+from collections import OrderedDict
+
+import torch
+
+from .config import CheckpointError, RWKV6Config
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_state_dict(path, mmap=True):
+    """A .pth file as a dict of tensors. weights_only=True: a stranger's file cannot run code."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} does not exist or is not a file.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # torch raises many kinds; the user needs one sentence
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} could not be read as a PyTorch weights file ({reason}).") from e
+
+
+def load_checkpoint(path, mmap=True):
+    """(state dict, config) of an RWKV-6 checkpoint, refusing anything else with one sentence."""
+    sd = load_state_dict(path, mmap=mmap)
+    return sd, RWKV6Config.from_state_dict(sd, source=os.fspath(path))
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary name beside `path`, then rename: a crash leaves no half file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(sd, path, dtype="bf16"):
+    """Write tensors as the official files are: a flat, plain dict, every tensor contiguous and in `dtype`."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    atomic_save(OrderedDict((k, v.detach().to("cpu", dtype).contiguous()) for k, v in sd.items()), path)
+
+
+def x060_state_dict(config: RWKV6Config, seed=0):
+    """Fresh weights with the public x060 initialisation scheme (RWKV-LM's RWKV-6 code), fp32,
+    in the official key order. Note att.output, ffn.value and ffn.receptance start at zero."""
+    g = torch.Generator().manual_seed(seed)
+    C, A, L, N = config.n_embd, config.dim_att, config.n_layer, config.head_size
+    ddd = (torch.arange(C) / C).view(1, 1, C)
+    n = torch.arange(A, dtype=torch.float64)
+
+    def uniform(shape, a):
+        return torch.empty(shape).uniform_(-a, a, generator=g)
+
+    def orthogonal(shape, gain):
+        # torch.nn.init.orthogonal_ has no generator argument: QR of a seeded Gaussian, as it does.
+        rows, cols = shape
+        q, r = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g))
+        q = q * torch.sign(torch.diagonal(r))
+        return gain * (q if rows >= cols else q.T)
+
+    def linear(shape, scale):
+        gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0
+        return torch.zeros(shape) if scale == 0 else orthogonal(shape, gain * scale)
+
+    sd = OrderedDict()
+    for key, shape in config.shapes().items():
+        name = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
+        layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
+        r01 = layer / (L - 1) if L > 1 else 0.0       # 0 at the first layer, 1 at the last
+        r10 = 1.0 - layer / L                         # 1 at the first layer, near 0 at the last
+        if key == "emb.weight":
+            sd[key] = uniform(shape, 1e-4)
+        elif key == "head.weight":
+            sd[key] = orthogonal(shape, 0.5 * math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 0.5)
+        elif ".ln_x." in key:
+            sd[key] = torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
+        elif ".ln" in key or key.startswith("ln_out"):
+            sd[key] = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        elif name in ("time_maa_x", "time_maa_w", "time_maa_k"):
+            sd[key] = 1.0 - ddd.pow(r10)
+        elif name == "time_maa_v":
+            sd[key] = 1.0 - (ddd.pow(r10) + 0.3 * r01)
+        elif name in ("time_maa_r", "time_maa_g"):
+            sd[key] = 1.0 - ddd.pow(0.5 * r10) if ".att." in key else 1.0 - ddd.pow(r10)
+        elif name in ("time_maa_w1", "time_decay_w1"):
+            sd[key] = torch.zeros(shape)
+        elif name in ("time_maa_w2", "time_decay_w2"):
+            sd[key] = uniform(shape, 0.01)
+        elif name == "time_decay":
+            sd[key] = (-6 + 5 * (n / (A - 1)) ** (0.7 + 1.3 * r01)).float().view(shape)
+        elif name == "time_faaaa":
+            sd[key] = (r01 * (1 - n / (A - 1)) + ((n + 1) % 3 - 1) * 0.1).float().view(A // N, N)
+        else:  # projection weights
+            zero = ".att.output." in key or ".ffn.value." in key or ".ffn.receptance." in key
+            small = ".att.key." in key or ".att.gate." in key
+            sd[key] = linear(shape, 0.0 if zero else 0.1 if small else 1.0)
+        assert tuple(sd[key].shape) == shape, key
+    return sd
+
+
+def default_dim_ffn(n_embd):
+    return int(n_embd * 3.5) // 32 * 32
+
+
+def make_checkpoint(path, vocab_size=65536, n_embd=768, n_layer=12, dim_ffn=None, head_size=64,
+                    seed=0, dtype="bf16"):
+    """Create a fresh x060 model and save it as an official-layout .pth. Returns its config."""
+    config = RWKV6Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, dim_att=n_embd,
+                         dim_ffn=dim_ffn or default_dim_ffn(n_embd), head_size=head_size)
+    save_checkpoint(x060_state_dict(config, seed), path, dtype)
+    return config

@@ -1,0 +1,157 @@
+"""RWKV-6 ("x060"): the model whose state_dict() is exactly the official checkpoint.
+
+Sizes come from the weights (see config.py). `model(idx, state)` returns (logits, state);
+the state carries each layer's token-shift vectors and WKV state, so a sequence fed in
+pieces gives the same logits as fed at once.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import load_checkpoint
+from .config import RWKV6Config
+from .ops import OPS, wkv6
+
+
+def token_shift(x, prev):
+    """shift(x) - x, where shift(x)[:, t] = x[:, t-1] and shift(x)[:, 0] = prev."""
+    return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1) - x
+
+
+class TimeMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config):
+        super().__init__()
+        C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
+        self.n_head, self.head_size = H, N
+        self.time_maa_x = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_w = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_v = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_g = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_w1 = nn.Parameter(torch.zeros(C, 5 * cfg.mix_lora))
+        self.time_maa_w2 = nn.Parameter(torch.zeros(5, cfg.mix_lora, C))
+        self.time_decay = nn.Parameter(torch.zeros(1, 1, A))
+        self.time_decay_w1 = nn.Parameter(torch.zeros(C, cfg.decay_lora))
+        self.time_decay_w2 = nn.Parameter(torch.zeros(cfg.decay_lora, A))
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, A, bias=False)
+        self.key = nn.Linear(C, A, bias=False)
+        self.value = nn.Linear(C, A, bias=False)
+        self.output = nn.Linear(A, C, bias=False)
+        self.gate = nn.Linear(C, A, bias=False)
+        self.ln_x = nn.GroupNorm(H, A, eps=1e-5 * 8**2)
+
+    def forward(self, x, shift, wkv_state, op):
+        B, T, C = x.shape
+        H, N = self.n_head, self.head_size
+        xx = token_shift(x, shift)
+        xxx = x + xx * self.time_maa_x
+        m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
+        mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+
+        r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
+        g = F.silu(self.gate(xg))
+        w = self.time_decay + torch.tanh(xw @ self.time_decay_w1) @ self.time_decay_w2
+        heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa, wkv_state, op=op)
+        y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
+        return self.output(y * g), x[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    def __init__(self, cfg: RWKV6Config):
+        super().__init__()
+        C, F_ = cfg.n_embd, cfg.dim_ffn
+        self.time_maa_k = nn.Parameter(torch.zeros(1, 1, C))
+        self.time_maa_r = nn.Parameter(torch.zeros(1, 1, C))
+        self.key = nn.Linear(C, F_, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(F_, C, bias=False)
+
+    def forward(self, x, shift):
+        xx = token_shift(x, shift)
+        xk = x + xx * self.time_maa_k
+        xr = x + xx * self.time_maa_r
+        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: RWKV6Config, layer_id):
+        super().__init__()
+        # Attribute order is the official key order (ln1, ln2, ln0, att, ffn).
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(cfg.n_embd)
+        self.att = TimeMix(cfg)
+        self.ffn = ChannelMix(cfg)
+
+    def forward(self, x, att_shift, wkv_state, ffn_shift, op):
+        if hasattr(self, "ln0"):
+            x = self.ln0(x)
+        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, op)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
+        return x + dx, att_shift, wkv_state, ffn_shift
+
+
+class RWKV6(nn.Module):
+    def __init__(self, cfg: RWKV6Config, op="auto", grad_cp=False):
+        super().__init__()
+        if op not in OPS:
+            raise ValueError(f"Unknown WKV6 op {op!r}: choose one of {', '.join(OPS)}.")
+        self.config = cfg
+        self.op = op              # which WKV6 implementation: auto, cpu or cuda
+        self.grad_cp = grad_cp    # recompute each block in the backward pass to save memory
+        self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_out = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+
+    @classmethod
+    def from_state_dict(cls, sd, **kwargs):
+        """A model holding exactly these weights (in their dtype); sizes read off the tensors."""
+        cfg = RWKV6Config.from_state_dict(sd)
+        with torch.device("meta"):
+            model = cls(cfg, **kwargs)
+        model.load_state_dict(sd, assign=True)
+        return model
+
+    @classmethod
+    def from_checkpoint(cls, path, dtype=None, **kwargs):
+        """Load an official .pth (weights_only). dtype: None keeps the file's, else e.g. torch.float32."""
+        sd, _ = load_checkpoint(path)
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        return cls.from_state_dict(sd, **kwargs)
+
+    def empty_state(self, batch_size):
+        """Per layer: (att token shift [B, C], WKV state [B, H, N, N] fp32, ffn token shift [B, C])."""
+        cfg, p = self.config, self.emb.weight
+        shift = lambda: torch.zeros(batch_size, cfg.n_embd, dtype=p.dtype, device=p.device)  # noqa: E731
+        wkv = lambda: torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=p.device)  # noqa: E731
+        return [(shift(), wkv(), shift()) for _ in range(cfg.n_layer)]
+
+    def forward(self, idx, state=None):
+        """idx: [B, T] token ids. Returns (logits [B, T, vocab], new state)."""
+        if state is None:
+            state = self.empty_state(idx.shape[0])
+        x = self.emb(idx)
+        new_state = []
+        for block, (att_shift, wkv_state, ffn_shift) in zip(self.blocks, state):
+            if self.grad_cp and self.training:
+                # Non-reentrant checkpointing: gradients reach adapter parameters inside the
+                # block even when nothing fed into it requires grad (a frozen embedding).
+                out = checkpoint(block, x, att_shift, wkv_state, ffn_shift, self.op, use_reentrant=False)
+            else:
+                out = block(x, att_shift, wkv_state, ffn_shift, self.op)
+            x, layer_state = out[0], out[1:]
+            new_state.append(layer_state)
+        return self.head(self.ln_out(x)), new_state

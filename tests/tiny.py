@@ -1,0 +1,43 @@
+"""Tiny RWKV-6 models for tests: x060-initialised, then perturbed so that no weight is trivial
+(the init scheme zeroes att.output, ffn.value and ffn.receptance, which would hide errors)."""
+import os
+
+import torch
+
+from src.checkpoint import save_checkpoint, x060_state_dict
+from src.config import RWKV6Config
+
+# Two shapes: the second has n_layer >= 3, a non-default dim_ffn and dims not a multiple of 64.
+SHAPES = {
+    "small": RWKV6Config(vocab_size=260, n_embd=64, n_layer=2, dim_att=64, dim_ffn=224, head_size=32),
+    "deep": RWKV6Config(vocab_size=300, n_embd=96, n_layer=3, dim_att=96, dim_ffn=200, head_size=32),
+}
+
+
+def random_state_dict(cfg: RWKV6Config, seed=0, noise=0.2):
+    """x060 init plus noise of `noise` times each tensor's typical size (1/sqrt(fan-in) where zero)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    sd = x060_state_dict(cfg, seed)
+    for key, t in sd.items():
+        scale = t.pow(2).mean().sqrt().item() if t.numel() > 1 else 0.0
+        if scale == 0.0:
+            scale = t.shape[-1] ** -0.5 if t.dim() > 1 else 1.0
+        sd[key] = t + noise * scale * torch.randn(t.shape, generator=g)
+    return sd
+
+
+def save_random_checkpoint(directory, name="small", seed=0, dtype="fp32"):
+    """Write a random tiny checkpoint in the official layout; returns (path, config, state dict)."""
+    cfg = SHAPES[name]
+    sd = random_state_dict(cfg, seed)
+    path = os.path.join(directory, f"{name}-{seed}.pth")
+    save_checkpoint(sd, path, dtype)
+    return path, cfg, sd
+
+
+def rwkv_runtime(path):
+    """The official `rwkv` package's model on CPU in fp32 (env read at its import: set it first)."""
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+    return RWKV(path, strategy="cpu fp32", verbose=False)

@@ -139,8 +139,9 @@ class RWKV6(nn.Module):
         wkv = lambda: torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=p.device)  # noqa: E731
         return [(shift(), wkv(), shift()) for _ in range(cfg.n_layer)]
 
-    def forward(self, idx, state=None):
-        """idx: [B, T] token ids. Returns (logits [B, T, vocab], new state)."""
+    def forward(self, idx, state=None, full_output=True):
+        """idx: [B, T] token ids. Returns (logits [B, T, vocab], new state); with
+        full_output=False only the last position's logits ([B, 1, vocab]), as for a prompt."""
         if state is None:
             state = self.empty_state(idx.shape[0])
         x = self.emb(idx)
@@ -154,4 +155,6 @@ class RWKV6(nn.Module):
                 out = block(x, att_shift, wkv_state, ffn_shift, self.op)
             x, layer_state = out[0], out[1:]
             new_state.append(layer_state)
+        if not full_output:
+            x = x[:, -1:]
         return self.head(self.ln_out(x)), new_state

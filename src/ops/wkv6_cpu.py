@@ -55,8 +55,14 @@ class _ChunkedWKV6(torch.autograd.Function):
         p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
         c_last = c[..., -1:, :]
 
-        causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]
-        decay_ts = (p.unsqueeze(-2) - c.unsqueeze(-3)).to(f).masked_fill_(~causal, -torch.inf).exp_()
+        # decay_ts[t, s] = exp(sum of lw over s < m < t) for s < t, else 0. Summing each pair's
+        # own terms (a cumsum over t that starts at zero past s) keeps the rounding relative to
+        # that pair's sum, not to the large running sum when decay is strong.
+        ones = torch.ones(L, L, dtype=torch.bool, device=r.device)
+        causal, spans_a_step = ones.tril(-1)[:, :, None], ones.tril(-2)[:, :, None]   # s < t, s < t - 1
+        lw_prev = torch.nn.functional.pad(lw, (0, 0, 1, 0))[..., :-1, :]              # lw[t - 1]
+        decay_ts = torch.where(spans_a_step, lw_prev.unsqueeze(-2), 0.0)               # [..., L(t), L(s), N]
+        decay_ts = decay_ts.cumsum_(-3).exp_().mul_(causal)
         A = (decay_ts * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)       # [B, H, C, L(t), L(s)]
         b = (r * u * k).sum(-1, keepdim=True)                            # [B, H, C, L, 1]
 

@@ -36,30 +36,27 @@ def relative_errors(results, truth):
     return {n: ((a - t).abs().max() / t.abs().max()).item() for n, a, t in zip(NAMES, results, truth)}
 
 
-@pytest.mark.parametrize("T", [1, 7, 64, 200, 1000])
-def test_matches_float64_reference_and_fp32_loop(T):
+def assert_as_accurate_as_fp32_loop(inputs):
     """Within 1e-4 of the float64 truth, and never worse than 3x a plain fp32 step-by-step loop.
     The loop's error is floored at one fp32 rounding unit: below that a ratio measures noise."""
-    inputs = make_inputs(B=2, T=T, H=2, N=32, seed=T)
     truth = outputs_and_grads(wkv6_reference, inputs)
     fast = relative_errors(outputs_and_grads(wkv6_cpu, inputs), truth)
     loop = relative_errors(outputs_and_grads(lambda *a: wkv6_reference(*a, dtype=torch.float32), inputs), truth)
     for name in NAMES:
         assert fast[name] <= 1e-4, (name, fast[name])
         assert fast[name] <= 3 * max(loop[name], FP32_EPS), (name, fast[name], loop[name])
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 200, 1000])
+def test_matches_float64_reference_and_fp32_loop(T):
+    assert_as_accurate_as_fp32_loop(make_inputs(B=2, T=T, H=2, N=32, seed=T))
 
 
 @pytest.mark.parametrize("w_low,w_high", [(-8.0, -7.0), (1.5, 3.0), (-0.5, 0.5)])
 def test_extreme_decays(w_low, w_high):
     """Decay near 1 (w = -8: exp(-exp(-8)) = 0.99966) and near 0 (w = 3: decay 2e-9), where
     chunked forms lose precision through cumulative decay sums."""
-    inputs = make_inputs(B=1, T=300, H=2, N=32, w_low=w_low, w_high=w_high, seed=11)
-    truth = outputs_and_grads(wkv6_reference, inputs)
-    fast = relative_errors(outputs_and_grads(wkv6_cpu, inputs), truth)
-    loop = relative_errors(outputs_and_grads(lambda *a: wkv6_reference(*a, dtype=torch.float32), inputs), truth)
-    for name in NAMES:
-        assert fast[name] <= 1e-4, (name, fast[name])
-        assert fast[name] <= 3 * max(loop[name], FP32_EPS), (name, fast[name], loop[name])
+    assert_as_accurate_as_fp32_loop(make_inputs(B=1, T=300, H=2, N=32, w_low=w_low, w_high=w_high, seed=11))
 
 
 def test_gradcheck_float64():

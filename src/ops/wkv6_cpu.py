@@ -31,7 +31,7 @@ def _to_chunks(x, L, dtype):
     B, T, H, N = x.shape
     pad = -T % L
     x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4)
+    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def _from_chunks(x, T, dtype):
@@ -129,11 +129,11 @@ def _exclusive_cumsum(x):
 def _scan(increments, decay, first, reverse):
     """The chunk-level recurrence x_{i+1} = decay_i * x_i + increments_i, run forward, or
     backward (x_i = decay_i * x_{i+1} + increments_i). Returns all C + 1 values along dim 2."""
-    B, H, C = increments.shape[:3]
-    out = increments.new_empty(B, H, C + 1, *increments.shape[3:])
-    order = range(C - 1, -1, -1) if reverse else range(C)
+    increments, decay = increments.movedim(2, 0), decay.movedim(2, 0)    # chunk-major: contiguous steps
+    C = increments.shape[0]
+    out = increments.new_empty(C + 1, *increments.shape[1:])
     src, dst = (1, 0) if reverse else (0, 1)
-    out[:, :, C if reverse else 0] = first
-    for i in order:
-        torch.addcmul(increments[:, :, i], decay[:, :, i], out[:, :, i + src], out=out[:, :, i + dst])
-    return out
+    out[C if reverse else 0] = first
+    for i in (range(C - 1, -1, -1) if reverse else range(C)):
+        torch.addcmul(increments[i], decay[i], out[i + src], out=out[i + dst])
+    return out.movedim(0, 2)

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed strategies, learning-rate schedule, loss, Lightning module and callbacks."""

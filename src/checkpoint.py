@@ -29,20 +29,29 @@ def load_checkpoint(path, mmap=True):
     return sd, RWKV6Config.from_state_dict(sd, source=os.fspath(path))
 
 
-def atomic_save(obj, path):
-    """torch.save to a temporary name beside `path`, then rename: a crash leaves no half file."""
+def atomic_write(path, write):
+    """Call write(binary file) on a temporary file beside `path`, then rename it to `path`:
+    a crash leaves either the old file or the new one, never half a file."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path):
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(sd, path, dtype="bf16"):

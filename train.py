@@ -1,6 +1,187 @@
-"""Bone fine-tuning of RWKV-6 checkpoints. Not built yet: it lands with the training issue."""
+"""Fine-tune an RWKV-6 checkpoint with Bone (or LoRA) adapters under pytorch-lightning and DeepSpeed.
+
+Example (one GPU):
+  python train.py --load_model RWKV-x060-World-1B6.pth --data_file data/mydata --data_type binidx \\
+      --proj_dir out/bone --ctx_len 1024 --micro_bsz 8 --epoch_steps 1000 --epoch_count 5 \\
+      --bone_r 64 --lr_init 2e-5 --lr_final 2e-5 --precision bf16 --strategy deepspeed_stage_1
+"""
+import argparse
+import json
+import os
 import sys
 
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--load_model", required=True, help="base RWKV-6 .pth (official layout); all sizes are read off it")
+    a("--proj_dir", default="out", help="where adapters, the resume point, log.csv and loss.png go")
+    a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file")
+    a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded")
+    a("--text_field", default="text", help="jsonl: the field that holds the text")
+    a("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
+    a("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
+    a("--vocab_size", type=int, default=0, help="accepted only to be checked against the checkpoint")
+    a("--n_layer", type=int, default=0, help="accepted only to be checked against the checkpoint")
+    a("--n_embd", type=int, default=0, help="accepted only to be checked against the checkpoint")
+    a("--ctx_len", type=int, default=1024, help="tokens per sample")
+    a("--micro_bsz", type=int, default=1, help="samples per process per micro-batch")
+    a("--accumulate_grad_batches", type=int, default=1, help="micro-batches per optimizer step")
+    a("--epoch_steps", type=int, default=1000, help="optimizer steps per (mini-)epoch")
+    a("--epoch_count", type=int, default=1, help="epochs to train in all")
+    a("--epoch_begin", type=int, default=0, help="start at this epoch (the lr schedule and data continue from there)")
+    a("--epoch_save", type=int, default=1, help="save an adapter every N epochs (0: only at the end and every --save_every_steps)")
+    a("--save_every_steps", type=int, default=0, help="also save an adapter and the resume point every N steps (0: off)")
+    a("--keep_last", type=int, default=3, help="how many adapter files to keep")
+    a("--resume", action="store_true", help="continue the run in --proj_dir from its resume point")
+    a("--lr_init", type=float, default=2e-5, help="learning rate after warmup")
+    a("--lr_final", type=float, default=2e-5, help="learning rate at the end")
+    a("--lr_schedule", default="cosine", help="constant | exponential | cosine (decay from lr_init to lr_final)")
+    a("--warmup_steps", type=int, default=0, help="linear warmup from lr_init/100")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.99)
+    a("--adam_eps", type=float, default=1e-8)
+    a("--weight_decay", type=float, default=0.0, help="on matrices only (adapters decay towards the base model)")
+    a("--grad_cp", type=int, default=0, help="1: gradient checkpointing (less memory, about 30%% slower)")
+    a("--accelerator", default="auto", help="gpu | cpu | auto")
+    a("--devices", type=int, default=1, help="processes (GPUs) per node")
+    a("--num_nodes", type=int, default=1)
+    a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
+    a("--strategy", default="deepspeed_stage_1", help="deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload | ddp | auto")
+    a("--op", default="auto", help="WKV6 implementation: auto | cuda | cpu")
+    a("--peft", default="bone", help="bone | lora | none (none: only --train_parts train, no adapter)")
+    a("--bone_config", default=None, help='older JSON form: \'{"bone_mode": "bone", "bone_r": 64, "bone_load": ""}\'')
+    a("--bone_r", type=int, default=None, help="Bone block size r (default 64)")
+    a("--bone_mode", default=None, help="bone | bat")
+    a("--bone_load", default=None, help="start from this saved adapter")
+    a("--lora_r", type=int, default=8)
+    a("--lora_alpha", type=float, default=16.0)
+    a("--target_modules", default=None, help="comma-separated; default all 8 projections")
+    a("--train_parts", default="", help="comma-separated base parts that also train: time, ln, emb, head")
+    a("--seed", type=int, default=42)
+    a("--max_steps", type=int, default=0, help="stop after this many steps in all (0: epoch_count * epoch_steps)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # our errors are one sentence: no traceback for the user
+        sys.exit(f"train.py: {e}")
+
+
+def run(args):
+    accelerator = resolve_accelerator(args.accelerator)
+    if accelerator == "cpu":
+        # DeepSpeed picks its accelerator when first imported: set it before anything imports it.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import pytorch_lightning as pl
+    import torch
+
+    from src.model import RWKV6
+    from src.data import make_dataset
+    from src.training.callbacks import Checkpointer, LearningRateSchedule, TrainLog
+    from src.training.module import RWKVLightning
+    from src.training.sampler import StepSampler
+    from src.training.schedule import learning_rate
+    from src.training.strategy import make_strategy
+    from src import bone
+
+    precision = {"auto": "bf16" if accelerator == "gpu" else "fp32"}.get(args.precision, args.precision)
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"Unknown --precision {args.precision!r}: choose bf16, fp16, fp32 or auto.")
+    learning_rate(0, 1, args.lr_init, args.lr_final, 0, args.lr_schedule)  # refuses an unknown schedule now
+    strategy = make_strategy(args.strategy, accelerator)
+    pl.seed_everything(args.seed, workers=True)
+
+    model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
+                                  op=args.op, grad_cp=bool(args.grad_cp))
+    check_sizes(args, model.config)
+    apply_peft(model, args, bone)
+    dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
+                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
+                           response_field=args.response_field)
+
+    step_offset = args.epoch_begin * args.epoch_steps
+    total_steps = args.max_steps or args.epoch_count * args.epoch_steps
+    module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
+                           weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"))
+    world = args.devices * args.num_nodes
+    schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
+    callbacks = [
+        schedule,
+        TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
+                 args.epoch_steps),
+        Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
+                     args.keep_last),
+    ]
+    trainer = pl.Trainer(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
+                         precision={"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[precision],
+                         max_steps=total_steps, accumulate_grad_batches=args.accumulate_grad_batches,
+                         callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         use_distributed_sampler=False, log_every_n_steps=1, num_sanity_val_steps=0)
+
+    def train_dataloader():
+        # The sampler starts at the restored step, so a resumed run reads what the killed one would have.
+        per_step = args.accumulate_grad_batches
+        sampler = StepSampler((step_offset + trainer.global_step) * per_step, (step_offset + total_steps) * per_step,
+                              args.micro_bsz, rank=trainer.global_rank, world_size=trainer.world_size)
+        return torch.utils.data.DataLoader(dataset, batch_size=args.micro_bsz, sampler=sampler, num_workers=0)
+
+    module.train_dataloader = train_dataloader
+    resume = resume_point(args) if args.resume else None
+    trainer.fit(module, ckpt_path=resume)
+
+
+def resolve_accelerator(name):
+    import torch
+    if name == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in ("gpu", "cuda", "cpu"):
+        raise ValueError(f"Unknown --accelerator {name!r}: choose gpu, cpu or auto.")
+    return "gpu" if name == "cuda" else name
+
+
+def check_sizes(args, config):
+    for flag, value, actual in (("--n_layer", args.n_layer, config.n_layer), ("--n_embd", args.n_embd, config.n_embd),
+                                ("--vocab_size", args.vocab_size, config.vocab_size)):
+        if value and value != actual:
+            raise ValueError(f"{flag} {value} does not match the checkpoint, which has {actual}: drop the flag, "
+                             "sizes are read off the checkpoint.")
+
+
+def apply_peft(model, args, bone):
+    """Adapters from the first-class flags, over the older --bone_config JSON; or, with
+    --peft none, only the --train_parts train."""
+    parts = [p for p in args.train_parts.split(",") if p]
+    if args.peft == "none":
+        for name, p in model.named_parameters():
+            p.requires_grad_(bone.train_part_of(name) in parts)
+        if not parts:
+            raise ValueError("--peft none with no --train_parts leaves nothing to train.")
+        return bone.print_trainable_parameters(model)
+    if args.peft not in ("bone", "lora"):
+        raise ValueError(f"Unknown --peft {args.peft!r}: choose bone, lora or none.")
+    config = bone.BoneConfig.from_json(args.bone_config).to_dict() if args.bone_config else {}
+    if args.peft == "lora":
+        config.update(mode="lora", r=args.lora_r, lora_alpha=args.lora_alpha)
+    for key, value in (("mode", args.bone_mode), ("r", args.bone_r), ("load", args.bone_load)):
+        if value is not None and args.peft == "bone":
+            config[key] = value
+    config["train_parts"] = parts
+    if args.target_modules:
+        config["target_modules"] = args.target_modules.split(",")
+    bone.apply_adapters(model, bone.BoneConfig.from_dict(config))
+
+
+def resume_point(args):
+    for name in ("resume", "resume.old"):  # .old survives a crash between the two renames of a save
+        path = os.path.join(args.proj_dir, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"--resume: {args.proj_dir} has no resume point; start without --resume.")
+
+
 if __name__ == "__main__":
-    sys.exit("train.py is not implemented yet (it lands with the training issue); "
-             "sh scripts/run_bone.sh currently runs the model parity demo.")
+    main()

@@ -35,5 +35,6 @@ def make_strategy(name, accelerator):
     stage = int(name.split("_")[2])
     offload = name.endswith("_offload")
     cls = CPUDeepSpeedStrategy if accelerator == "cpu" else DeepSpeedStrategy
+    # Resume points hold the trainable weights and optimizer state, not a copy of the frozen base.
     return cls(stage=stage, offload_optimizer=offload, offload_parameters=offload and stage == 3,
-               process_group_backend="gloo" if accelerator == "cpu" else None)
+               exclude_frozen_parameters=True, process_group_backend="gloo" if accelerator == "cpu" else None)

@@ -1,0 +1,40 @@
+"""The LightningModule: an (adapted) RWKV6 model, its loss and its optimizer."""
+import pytorch_lightning as pl
+import torch
+
+from .loss import masked_lm_loss
+
+
+class RWKVLightning(pl.LightningModule):
+    def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False):
+        super().__init__()
+        self.model = model
+        self.lr_init, self.betas, self.adam_eps = lr_init, betas, adam_eps
+        self.weight_decay = weight_decay
+        self.cpu_adam = cpu_adam      # DeepSpeed's CPU Adam, which optimizer offload requires
+        self.strict_loading = False   # resume points leave the frozen base out
+
+    def on_save_checkpoint(self, checkpoint):
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def training_step(self, batch, batch_idx):
+        idx, targets, mask = batch
+        logits, _ = self.model(idx)
+        return masked_lm_loss(logits, targets, mask)
+
+    def configure_optimizers(self):
+        # Weight decay pulls matrices (adapters start at zero: towards the base model); never
+        # decay vectors such as LayerNorm weights or time-mix parameters.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError("Nothing to train: the adapter config selects no parameter.")
+        matrices = [p for p in trainable if p.dim() >= 2 and self.weight_decay > 0]
+        others = [p for p in trainable if not (p.dim() >= 2 and self.weight_decay > 0)]
+        groups = [g for g in ({"params": matrices, "weight_decay": self.weight_decay},
+                              {"params": others, "weight_decay": 0.0}) if g["params"]]
+        if self.cpu_adam:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            return DeepSpeedCPUAdam(groups, lr=self.lr_init, betas=self.betas, eps=self.adam_eps, adamw_mode=True)
+        return torch.optim.AdamW(groups, lr=self.lr_init, betas=self.betas, eps=self.adam_eps)

@@ -125,7 +125,8 @@ def run(args):
     def train_dataloader():
         # The sampler starts at the restored step, so a resumed run reads what the killed one would have.
         per_step = args.accumulate_grad_batches
-        sampler = StepSampler((step_offset + trainer.global_step) * per_step, (step_offset + total_steps) * per_step,
+        sampler = StepSampler(lambda: (step_offset + trainer.global_step) * per_step,
+                              (step_offset + total_steps) * per_step,
                               args.micro_bsz, rank=trainer.global_rank, world_size=trainer.world_size)
         return torch.utils.data.DataLoader(dataset, batch_size=args.micro_bsz, sampler=sampler, num_workers=0)
 

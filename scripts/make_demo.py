@@ -1,0 +1,42 @@
+"""The demo's inputs, made once: a small RWKV-6 base model (World vocabulary, x060 init) and a
+generated dataset of short templated stories, tokenized with the World tokenizer into binidx."""
+import json
+import os
+import random
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.checkpoint import make_checkpoint  # noqa: E402
+
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
+THINGS = ["apples", "books", "coins", "stones", "shells", "cards"]
+
+
+def story(rng):
+    a, b = rng.sample(NAMES, 2)
+    thing = rng.choice(THINGS)
+    x, y = rng.randint(1, 9), rng.randint(1, 9)
+    return (f"{a} has {x} {thing}. {b} gives {a} {y} more {thing}. "
+            f"Now {a} has {x + y} {thing}, and {b} is happy.")
+
+
+def main(out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    base, data = os.path.join(out_dir, "base.pth"), os.path.join(out_dir, "stories")
+    if not os.path.exists(base):
+        print(f"making the demo base model {base}")
+        make_checkpoint(base, vocab_size=65536, n_embd=256, n_layer=4, head_size=64, seed=0)
+    if not os.path.exists(data + ".idx"):
+        rng = random.Random(0)
+        jsonl = data + ".jsonl"
+        with open(jsonl + ".tmp", "w") as f:
+            for _ in range(4000):
+                f.write(json.dumps({"text": story(rng)}) + "\n")
+        os.replace(jsonl + ".tmp", jsonl)
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_binidx.py"), jsonl, data], check=True)
+    print(base)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "out/demo")

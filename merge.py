@@ -1,5 +1,60 @@
-"""Merge a Bone adapter into a base RWKV-6 checkpoint. Not built yet: it lands with the merge issue."""
+"""Merge a Bone (or bat, or LoRA) adapter into its base RWKV-6 checkpoint: the output is an
+official-layout .pth (the base's keys, in the base's order, no adapter keys) that the `rwkv`
+runtime and every other RWKV-6 inference program loads as it loads the base.
+
+    python merge.py --base_model base.pth --adapter out/bone/adapter-0001000.pth --output merged.pth
+"""
+import argparse
+import os
 import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from src.bone import AdapterError  # noqa: E402
+from src.config import CheckpointError  # noqa: E402
+from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint  # noqa: E402
+from src.verify import DEFAULT_PROMPT  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_model", required=True, help="the official .pth the adapter was trained on")
+    p.add_argument("--adapter", "--lora_checkpoint", dest="adapter", required=True,
+                   help="the adapter file train.py wrote (adapter-STEP.pth); --lora_checkpoint is the older name")
+    p.add_argument("--output", required=True, help="where to write the merged .pth (never the base itself)")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="same",
+                   help="dtype of the merged file: same (as the base, default), bf16, fp16 or fp32; "
+                        "the merge is computed in fp32 either way and cast once")
+    p.add_argument("--safe_merge", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse NaN/Inf in the adapter or the merged weights before anything is written (default on)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the merge arithmetic runs (cuda: faster for big models; the file goes through CPU memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
+    p.add_argument("--verify", action="store_true",
+                   help="afterwards, load the merged file in the rwkv runtime (cpu fp32) and compare its logits with "
+                        "base + adapter in this repository's model, then sample a short continuation")
+    p.add_argument("--verify_prompt", default=DEFAULT_PROMPT, help="the prompt --verify feeds and continues")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    try:
+        report = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
+                                  safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
+                                  progress=not args.quiet)
+    except (CheckpointError, AdapterError, MergeError) as e:
+        sys.exit(f"merge.py: {e}")
+    size = os.path.getsize(args.output)
+    print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
+    dtype = "the base's dtype" if args.dtype == "same" else args.dtype
+    print(format_report(report, dtype))
+    if args.verify:
+        from src.verify import verify_merged
+        verify_merged(args.base_model, args.adapter, args.output, prompt=args.verify_prompt)
+
 
 if __name__ == "__main__":
-    sys.exit("merge.py is not implemented yet (it lands with the merge issue).")
+    main()

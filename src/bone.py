@@ -213,10 +213,19 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None):
     return y if bias is None else y + bias
 
 
-def merge_weight(weight, adapter, mode, scaling=1.0):
-    """The merged weight W + dW for `mode`, computed in fp32 (fp64 for fp64 weights) and cast to
-    the weight's dtype once. adapter: the bone tensor [r, out] (bone), the bat tensor
-    [in/r, r, r] (bat), or the pair (lora_A, lora_B) (lora, with `scaling`). Returns a new tensor."""
+def adapter_shapes(mode, r, out_features, in_features):
+    """{tensor name: shape} of the adapter for an out x in weight: the one statement of them."""
+    if mode == "bone":
+        return {"bone": (r, out_features)}
+    if mode == "bat":
+        return {"bone": (in_features // r, r, r)}
+    return {"lora_A": (r, in_features), "lora_B": (out_features, r)}
+
+
+def merged_exact(weight, adapter, mode, scaling=1.0):
+    """W + dW for `mode`, in fp32 (fp64 for fp64 weights), on the weight's device: the merge
+    before its one cast. adapter: the bone tensor [r, out] (bone), the bat tensor [in/r, r, r]
+    (bat), or the pair (lora_A, lora_B) (lora, with `scaling`). Returns a new tensor."""
     if mode not in MODES:
         raise AdapterError(f"Unknown adapter mode {mode!r}: choose one of {', '.join(MODES)}.")
     compute = torch.promote_types(weight.dtype, torch.float32)
@@ -225,21 +234,26 @@ def merge_weight(weight, adapter, mode, scaling=1.0):
             if adapter.dim() != 2 or adapter.shape[1] != weight.shape[0]:
                 raise AdapterError(f"A bone tensor of shape {list(adapter.shape)} does not fit a weight "
                                    f"of shape {list(weight.shape)} (it must be [r, {weight.shape[0]}]).")
-            merged = _add_tiled_(weight.to(compute, copy=True), adapter.t().to(compute))
-        elif mode == "bat":
+            return _add_tiled_(weight.to(compute, copy=True), adapter.t().to(weight.device, compute))
+        if mode == "bat":
             out_f, in_f = weight.shape
             if (adapter.dim() != 3 or adapter.shape[1] != adapter.shape[2] or adapter.shape[0] * adapter.shape[1] != in_f
                     or out_f % adapter.shape[1]):
                 raise AdapterError(f"A bat tensor of shape {list(adapter.shape)} does not fit a weight "
                                    f"of shape {list(weight.shape)} (it must be [in/r, r, r] with r dividing both sizes).")
-            merged = bat_merged_weight(weight, adapter, compute)
-        else:
-            lora_A, lora_B = adapter
-            merged = weight.to(compute, copy=True)
-            merged.addmm_(lora_B.to(compute), lora_A.to(compute), alpha=scaling)
-        if merged.dtype == weight.dtype and merged.is_contiguous():
-            return merged
-        return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device).copy_(merged)
+            return bat_merged_weight(weight, adapter.to(weight.device), compute)
+        lora_A, lora_B = adapter
+        merged = weight.to(compute, copy=True)
+        return merged.addmm_(lora_B.to(weight.device, compute), lora_A.to(weight.device, compute), alpha=scaling)
+
+
+def merge_weight(weight, adapter, mode, scaling=1.0, dtype=None):
+    """merged_exact cast once to `dtype` (default: the weight's dtype); a new contiguous tensor."""
+    merged = merged_exact(weight, adapter, mode, scaling)
+    dtype = weight.dtype if dtype is None else dtype
+    if merged.dtype == dtype and merged.is_contiguous():
+        return merged
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device).copy_(merged)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,8 +280,9 @@ class AdapterLinear(nn.Module):
         """{file suffix: Parameter}, e.g. {"bone": ...}."""
         return OrderedDict((n, getattr(self, n)) for n in TENSOR_NAMES[self.mode])
 
-    def _new(self, *shape):
-        return nn.Parameter(torch.zeros(*shape, dtype=_adapter_dtype(self.weight), device=self.weight.device))
+    def _new(self, tensor_name):
+        shape = adapter_shapes(self.mode, self.r, self.out_features, self.in_features)[tensor_name]
+        return nn.Parameter(torch.zeros(shape, dtype=_adapter_dtype(self.weight), device=self.weight.device))
 
     def _compute_dtype(self, x):
         if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
@@ -291,7 +306,7 @@ class BoneLinear(AdapterLinear):
 
     def __init__(self, base, r, name="", init_weights=True):
         super().__init__(base, r, name)
-        self.bone = self._new(r, self.out_features)
+        self.bone = self._new("bone")
         if not init_weights:
             nn.init.kaiming_uniform_(self.bone, a=math.sqrt(5))
 
@@ -313,7 +328,7 @@ class BatLinear(AdapterLinear):
                                f"{base.in_features} -> {base.out_features} and r = {r}: use r = {hint} there "
                                "(rank_pattern), exclude it, or use bone mode.")
         super().__init__(base, r, name)
-        self.bone = self._new(self.in_features // r, r, r)
+        self.bone = self._new("bone")
         if not init_weights:
             nn.init.kaiming_uniform_(self.bone, a=math.sqrt(5))
 
@@ -331,8 +346,8 @@ class LoraLinear(AdapterLinear):
         super().__init__(base, r, name)
         self.lora_alpha = lora_alpha
         self.scaling = 1.0 if lora_alpha is None else lora_alpha / r
-        self.lora_A = self._new(r, self.in_features)
-        self.lora_B = self._new(self.out_features, r)
+        self.lora_A = self._new("lora_A")
+        self.lora_B = self._new("lora_B")
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         if not init_weights:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
@@ -785,18 +800,15 @@ def _describe(fp):
     return ", ".join(f"{k}={v}" for k, v in fp.items())
 
 
-def load_adapter(model, path_or_state_dict, verbose=False):
-    """Load an adapter file into `model`. On a plain model the adapters named in the file are
-    applied first (mode, r per module, train parts from its metadata); on an adapted model the
-    file must match its mode, modules and ranks. Every tensor in the file must find a home with
-    the same shape, and every adapter tensor of the model must be in the file; a file made for
-    another model shape or mode is refused with one sentence. Nothing changes if a check fails.
-    Returns the model."""
+def read_adapter(path_or_state_dict, mmap=False):
+    """(tensors, metadata, source) of an adapter file or state dict. Files of the older
+    repository (no metadata) get theirs read off the tensor shapes. A file that is not an
+    adapter is refused with one sentence (AdapterError, or CheckpointError when unreadable)."""
     if isinstance(path_or_state_dict, dict):
         sd, source = OrderedDict(path_or_state_dict), "the adapter state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        sd = OrderedDict(load_state_dict(source, mmap=False))
+        sd = OrderedDict(load_state_dict(source, mmap=mmap))
     if META_KEY in sd:
         meta = _read_meta(sd.pop(META_KEY), source)
     else:
@@ -804,13 +816,26 @@ def load_adapter(model, path_or_state_dict, verbose=False):
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterError(f"{source} holds a non-tensor value under {bad[0]!r}: it is not an adapter file.")
+    return sd, meta, source
 
-    mine = _fingerprint(model)
+
+def _check_fingerprint(meta, mine, source):
     theirs = meta.get("fingerprint")
     if theirs is not None and mine is not None and dict(theirs) != mine:
         diff = {k: v for k, v in theirs.items() if mine.get(k) != v}
         raise AdapterError(f"{source} was made for a model with {_describe(diff)}, but this model has "
                            f"{_describe({k: mine.get(k) for k in diff})}: it cannot be loaded here.")
+
+
+def load_adapter(model, path_or_state_dict, verbose=False):
+    """Load an adapter file into `model`. On a plain model the adapters named in the file are
+    applied first (mode, r per module, train parts from its metadata); on an adapted model the
+    file must match its mode, modules and ranks. Every tensor in the file must find a home with
+    the same shape, and every adapter tensor of the model must be in the file; a file made for
+    another model shape or mode is refused with one sentence. Nothing changes if a check fails.
+    Returns the model."""
+    sd, meta, source = read_adapter(path_or_state_dict)
+    _check_fingerprint(meta, _fingerprint(model), source)
 
     state = getattr(model, "_bone_adapters", None)
     if state is None:
@@ -862,15 +887,48 @@ def load_adapter(model, path_or_state_dict, verbose=False):
     return model
 
 
-def merge_adapter_state_dict(base_sd, adapter, safe_merge=True, **model_kwargs):
-    """The official-layout state dict of `base_sd` with `adapter` (a path or a state dict)
-    merged in: what merge.py writes. The same checks as load_adapter (base shape, mode, every
-    key), merge_weight's fp32 math, the base's dtypes; keys and order exactly the official ones."""
-    from .model import RWKV6   # here, not at the top: src.model need not import the adapters
-    # Train-part tensors are copied into the model's parameters: clone those, so that the
-    # caller's base_sd is left as it was (the projections are replaced, not written to).
-    base_sd = OrderedDict((k, v.clone() if train_part_of(k) else v) for k, v in base_sd.items())
-    model = RWKV6.from_state_dict(base_sd, **model_kwargs)
-    load_adapter(model, adapter)
-    merge_and_unload(model, safe_merge=safe_merge)
-    return OrderedDict((k, v.detach()) for k, v in model.state_dict().items())
+def plan_merge(base_shapes, fingerprint, path_or_state_dict):
+    """What merging an adapter into a base checkpoint changes, checked before any work, without
+    building a model. base_shapes: {official key: shape} of the base; fingerprint: its
+    RWKV6Config.fingerprint(). Returns (mode, plan), plan = {base key: change} in base order,
+    where a change is ("merge", adapter tensor or (lora_A, lora_B), scaling) for an adapted
+    weight and ("replace", tensor) for a train-part tensor. The file is read with mmap; the
+    same refusals as load_adapter, each one sentence (AdapterError)."""
+    sd, meta, source = read_adapter(path_or_state_dict, mmap=True)
+    _check_fingerprint(meta, fingerprint, source)
+    mode = meta["mode"]
+    changes, used = {}, set()
+    for name, r in meta["r"].items():
+        key = f"{name}.weight"
+        if key not in base_shapes or len(base_shapes[key]) != 2:
+            raise AdapterError(f"{source} adapts {name}, but the base model has no such linear weight.")
+        out_f, in_f = base_shapes[key]
+        if mode == "bat" and (in_f % r or out_f % r):
+            raise AdapterError(f"{source} holds a bat adapter of r = {r} for {name}, whose sizes "
+                               f"{in_f} -> {out_f} are not multiples of r: the file is inconsistent.")
+        tensors = []
+        for t, shape in adapter_shapes(mode, r, out_f, in_f).items():
+            k = f"{name}.{t}"
+            if k not in sd:
+                raise AdapterError(f"{source} lacks {k}, which its metadata says it holds: the file is incomplete.")
+            if tuple(sd[k].shape) != tuple(shape):
+                raise AdapterError(f"{source} has {k} of shape {list(sd[k].shape)}, but the base model needs {list(shape)}.")
+            tensors.append(sd[k])
+            used.add(k)
+        lora_alpha = meta.get("lora_alpha")
+        scaling = 1.0 if mode != "lora" or lora_alpha is None else lora_alpha / r
+        changes[key] = ("merge", tuple(tensors) if mode == "lora" else tensors[0], scaling)
+    for k, v in sd.items():
+        if k in used:
+            continue
+        if k not in base_shapes or train_part_of(k) is None:
+            raise AdapterError(f"{source} has a tensor {k} that belongs to no adapter or train part of the base model.")
+        if tuple(v.shape) != tuple(base_shapes[k]):
+            raise AdapterError(f"{source} has {k} of shape {list(v.shape)}, but the base model's is {list(base_shapes[k])}.")
+        if k in changes:
+            raise AdapterError(f"{source} both adapts and trains {k}: it is inconsistent.")
+        changes[k] = ("replace", v)
+    missing = [k for k in base_shapes if train_part_of(k) in meta["train_parts"] and k not in changes]
+    if missing:
+        raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
+    return mode, OrderedDict((k, changes[k]) for k in base_shapes if k in changes)

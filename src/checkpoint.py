@@ -1,6 +1,11 @@
 """Reading and writing official-layout .pth files, and fresh x060 weights."""
+import ctypes
+import io
 import math
+import mmap
 import os
+import pickle
+import sys
 import tempfile
 from collections import OrderedDict
 
@@ -58,6 +63,97 @@ def save_checkpoint(sd, path, dtype="bf16"):
     """Write tensors as the official files are: a flat, plain dict, every tensor contiguous and in `dtype`."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     atomic_save(OrderedDict((k, v.detach().to("cpu", dtype).contiguous()) for k, v in sd.items()), path)
+
+
+class _Record:
+    """One storage record of a .pth file, pickled as torch.save pickles a storage."""
+    STORAGE_TYPES = {torch.float32: "FloatStorage", torch.float64: "DoubleStorage",
+                     torch.float16: "HalfStorage", torch.bfloat16: "BFloat16Storage"}
+
+    def __init__(self, key, dtype, numel):
+        if dtype not in self.STORAGE_TYPES:
+            raise CheckpointError(f"Cannot write {dtype} tensors: use bf16, fp16 or fp32.")
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorStub:
+    """Pickles exactly as a contiguous tensor at the start of its own storage does (the
+    torch._utils._rebuild_tensor_v2 call), without the data."""
+
+    def __init__(self, record, shape):
+        self.record, self.shape = record, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        stride = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.record, 0, self.shape, stride, False, OrderedDict())
+
+
+class _StubPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Record):
+            return ("storage", getattr(torch, _Record.STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def stream_checkpoint(path, specs, produce, written=None):
+    """Write a flat dict of tensors as torch.save(dict, f) would, holding one tensor at a time.
+
+    specs: {key: (shape, dtype)} in file order. produce(key) is called once per key, in that
+    order, and returns the tensor (any device/layout; it is checked against the spec and made a
+    contiguous CPU tensor). The pickle, which only names each storage, is written first, then
+    the storages one by one, so a model larger than memory can be written. written(key), if
+    given, is called once a tensor's bytes are in the file. Atomic: a failure
+    anywhere (produce included) leaves no file behind."""
+    records = OrderedDict((key, _Record(str(i), dtype, math.prod(shape))) for i, (key, (shape, dtype)) in enumerate(specs.items()))
+    stubs = {key: _TensorStub(records[key], shape) for key, (shape, _) in specs.items()}
+    buffer = io.BytesIO()
+    _StubPickler(buffer, protocol=2).dump(stubs)
+    header = buffer.getvalue()
+
+    def write(f):
+        with torch.serialization._open_zipfile_writer(f) as archive:
+            archive.write_record("data.pkl", header, len(header))
+            archive.write_record(".format_version", "1", 1)
+            if hasattr(torch.serialization, "_get_storage_alignment"):   # torch >= 2.5 writes it too
+                alignment = str(torch.serialization._get_storage_alignment())
+                archive.write_record(".storage_alignment", alignment, len(alignment))
+            archive.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+            for key, record in records.items():
+                shape, dtype = specs[key]
+                t = produce(key)
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise ValueError(f"stream_checkpoint: {key} came as {t.dtype} {list(t.shape)}, "
+                                     f"but the spec says {dtype} {list(shape)}.")
+                t = t.detach().to("cpu").contiguous()
+                storage = t.untyped_storage()
+                if t.storage_offset() or storage.nbytes() != t.nbytes:   # a view: write just its bytes
+                    storage = t.clone().untyped_storage()
+                archive.write_record(f"data/{record.key}", storage, t.nbytes)
+                del t, storage
+                if written is not None:
+                    written(key)
+
+    atomic_write(path, write)
+
+
+def release_pages(t):
+    """Let the kernel take back the resident pages under `t` now (madvise MADV_PAGEOUT): for a
+    tensor of a file loaded with mmap=True, which is read once and never written, they simply
+    leave this process's memory and would be read from the file again if touched, so walking a
+    whole checkpoint costs one tensor's worth of memory rather than the file's. Safe on any
+    memory (anonymous pages would go to swap); a no-op where the call is unavailable."""
+    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.nbytes == 0:
+        return
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page                  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.nbytes) // page * page
+    if end > start:
+        madvise(start, end - start, 21)                       # MADV_PAGEOUT (Linux 5.4+; else EINVAL, ignored)
 
 
 def x060_state_dict(config: RWKV6Config, seed=0):

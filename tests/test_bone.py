@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bench.adapters import PeakMemory
 from src.bone import (DEFAULT_TARGETS, META_KEY, AdapterError, BatLinear, BoneConfig, BoneLinear, LoraLinear,
                       adapter_layers, apply_adapters, bat_linear, bone_linear, load_adapter, lora_linear,
-                      merge_adapter_state_dict, merge_and_unload, merge_weight, save_adapter, unload)
+                      merge_and_unload, merge_weight, plan_merge, save_adapter, train_part_of, unload)
 from src.checkpoint import atomic_save, load_state_dict
 from src.config import RWKV6Config
 import src.model
@@ -574,20 +574,23 @@ def _saved(model, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("mode", ["bone", "bat"])
-def test_merged_state_dict_for_merge_py(tmp_path, mode):
-    base_sd = random_state_dict(SHAPES["small"], seed=1)
-    base_sd = {k: v.double() for k, v in base_sd.items()}
-    kept = {k: v.clone() for k, v in base_sd.items()}
-    model = RWKV6.from_state_dict({k: v.clone() for k, v in base_sd.items()}, op="cpu")
-    apply_adapters(model, BoneConfig(r=32, mode=mode, train_parts=["time"]), verbose=False)
+@pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+def test_merge_plan_follows_the_base_order_and_the_layers(tmp_path, mode):
+    model = make_model(dtype=torch.float32)
+    apply_adapters(model, BoneConfig(r=16, mode=mode, train_parts=["time"], lora_alpha=32), verbose=False)
     randomize(model)
     path = _saved(model, tmp_path)
-    merged = merge_adapter_state_dict(base_sd, path, op="cpu")
-    assert list(merged) == list(SHAPES["small"].shapes())
-    assert RWKV6Config.from_state_dict(merged) == SHAPES["small"]
-    assert all(torch.equal(base_sd[k], kept[k]) for k in kept)   # the caller's dict is left alone
-    plain = RWKV6.from_state_dict(merged, op="cpu")
-    assert (logits(plain, tokens()) - logits(model, tokens())).abs().max() <= 1e-10
+    shapes = SHAPES["small"].shapes()
+    got_mode, plan = plan_merge(shapes, SHAPES["small"].fingerprint(), path)
+    assert got_mode == mode
+    assert list(plan) == [k for k in shapes if k in plan]                       # base order
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        kind, tensors, scaling = plan[f"{name}.weight"]
+        assert kind == "merge" and scaling == (2.0 if mode == "lora" else 1.0)
+        merged = merge_weight(layer.weight, tensors, mode, scaling)
+        assert torch.equal(merged, layer.merged_weight())
+    replaced = [k for k, c in plan.items() if c[0] == "replace"]
+    assert replaced == [k for k in shapes if train_part_of(k) == "time"]
     with pytest.raises(AdapterError, match="was made for a model with"):
-        merge_adapter_state_dict(random_state_dict(SHAPES["deep"]), path, op="cpu")
+        plan_merge(SHAPES["deep"].shapes(), SHAPES["deep"].fingerprint(), path)

@@ -1,0 +1,219 @@
+"""Merging an adapter file into its base checkpoint: what merge.py runs.
+
+Everything is checked before any work (the base, the adapter against the base, the output
+path, NaN/Inf in the adapter); then the output is streamed tensor by tensor in the base's key
+order (checkpoint.stream_checkpoint), each tensor computed in fp32 by the Bone module's
+merged_exact and cast once, so memory stays near one tensor plus the interpreter. The report
+says, per kind of module, how much of the fine-tuning survived that cast.
+"""
+import math
+import os
+import shutil
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .bone import AdapterError, merged_exact, plan_merge, train_part_of
+from .checkpoint import DTYPES, load_checkpoint, release_pages, stream_checkpoint
+
+OUTPUT_DTYPES = ("same",) + tuple(DTYPES)
+LOST_WARNING = 0.1      # warn when more than this fraction of an update is lost to the cast
+CHUNK = 1 << 22         # elements per slice when measuring (bounds the temporaries)
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked; the message is one sentence that says why."""
+
+
+@dataclass
+class Survival:
+    """Sums of squares for one kind of module: |W|^2, |update|^2 (exact merged - base) and
+    |lost|^2 (written - exact merged), over all its tensors."""
+    tensors: int = 0
+    weight_sq: float = 0.0
+    update_sq: float = 0.0
+    lost_sq: float = 0.0
+
+    @property
+    def relative_update(self):
+        """|update| / |W| (None where the base weights are all zero, as x060 init leaves some)."""
+        return math.sqrt(self.update_sq / self.weight_sq) if self.weight_sq else None
+
+    @property
+    def lost(self):
+        """The relative error of the applied update: |written - exact| / |exact - base| (None if no update)."""
+        return math.sqrt(self.lost_sq / self.update_sq) if self.update_sq else None
+
+
+def kind_of(key):
+    """The report row of a base key: the module kind for adapted weights (att.key), the train
+    part for replaced tensors (time, ln, emb, head)."""
+    part = train_part_of(key)
+    if part is not None:
+        return part
+    parts = key.split(".")
+    return ".".join(parts[2:-1]) if key.startswith("blocks.") else ".".join(parts[:-1])
+
+
+def _sq_dist(a, b):
+    """|a - b|^2 in float64, a slice of rows at a time (b None: |a|^2)."""
+    a2, total = a.reshape(a.shape[0], -1) if a.dim() > 1 else a.reshape(1, -1), 0.0
+    b2 = None if b is None else b.reshape(a2.shape)
+    rows = max(1, CHUNK // max(1, a2.shape[1]))
+    for i in range(0, a2.shape[0], rows):
+        d = a2[i:i + rows].double()
+        if b2 is not None:
+            d -= b2[i:i + rows].double()
+        total += float(d.pow(2).sum())
+    return total
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _finite(t):
+    rows = t.reshape(-1)
+    return all(bool(torch.isfinite(rows[i:i + CHUNK]).all()) for i in range(0, rows.numel(), CHUNK))
+
+
+def _same_file(a, b):
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(output, base, adapter, overwrite, nbytes):
+    """Refuse an output path that would lose something or cannot be written (one sentence each)."""
+    if _same_file(output, base):
+        raise MergeError(f"--output {output} is the base model itself: choose another path (the base is never overwritten).")
+    if isinstance(adapter, (str, os.PathLike)) and _same_file(output, adapter):
+        raise MergeError(f"--output {output} is the adapter file itself: choose another path.")
+    if os.path.isdir(output):
+        raise MergeError(f"--output {output} is a directory: give a file name, such as {os.path.join(output, 'merged.pth')}.")
+    if os.path.lexists(output) and not overwrite:
+        raise MergeError(f"{output} already exists: pass --overwrite to replace it, or choose another --output.")
+    directory = os.path.dirname(os.path.abspath(output))
+    existing = directory
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MergeError(f"Cannot write to {existing}: choose an --output in a directory you can write to.")
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise MergeError(f"The merged model needs {nbytes / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free: "
+                         "free some space or choose another --output.")
+
+
+def _device(name):
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda was asked for, but PyTorch sees no CUDA GPU here: use --device cpu.")
+    if name not in ("cpu", "cuda"):
+        raise MergeError(f"--device must be cpu or cuda, not {name!r}.")
+    return torch.device(name)
+
+
+def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, device="cpu", overwrite=False,
+                     progress=True):
+    """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
+    official-layout result to `output`, atomically. dtype: "same" (each tensor keeps the base's
+    dtype), "bf16", "fp16" or "fp32". Returns {kind: Survival} in base order. Raises
+    CheckpointError, AdapterError or MergeError (one sentence) before anything is written when an
+    input is bad; a failure while writing leaves no output behind (nor changes an old one)."""
+    if dtype not in OUTPUT_DTYPES:
+        raise MergeError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
+    dev = _device(device)
+    base_sd, config = load_checkpoint(base, mmap=True)
+    mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
+    out_dtype = {k: v.dtype if dtype == "same" else DTYPES[dtype] for k, v in base_sd.items()}
+    specs = OrderedDict((k, (tuple(v.shape), out_dtype[k])) for k, v in base_sd.items())
+    nbytes = sum(math.prod(shape) * _itemsize(d) for shape, d in specs.values())
+    check_output(output, base, adapter, overwrite, nbytes)
+    if safe_merge:
+        for key, change in plan.items():
+            tensors = change[1] if isinstance(change[1], tuple) else (change[1],)
+            if not all(_finite(t) for t in tensors):
+                what = "adapter" if change[0] == "merge" else "trained"
+                raise MergeError(f"The {what} tensor for {key} holds NaN or Inf: nothing was written "
+                                 "(use an earlier adapter, or --no-safe_merge to merge it anyway).")
+
+    report = OrderedDict()
+    bar = _Progress(nbytes, progress)
+
+    def produce(key):
+        w = base_sd[key]
+        change = plan.get(key)
+        if change is None:
+            out = w.to(dev, out_dtype[key])
+        else:
+            wd = w.to(dev)
+            exact = merged_exact(wd, change[1], mode, change[2]) if change[0] == "merge" \
+                else change[1].to(dev, torch.promote_types(w.dtype, torch.float32))
+            out = exact.to(out_dtype[key])
+            row = report.setdefault(kind_of(key), Survival())
+            row.tensors += 1
+            row.weight_sq += _sq_dist(wd, None)
+            row.update_sq += _sq_dist(exact, wd)
+            row.lost_sq += _sq_dist(out, exact)
+            del exact, wd
+        if safe_merge and not _finite(out):
+            raise MergeError(f"Merging {key} gives NaN or Inf in {str(out.dtype).replace('torch.', '')}: "
+                             "nothing was written (a wider --dtype such as fp32 may hold it).")
+        return out
+
+    def written(key):
+        bar.update(math.prod(specs[key][0]) * _itemsize(specs[key][1]), key)
+        release_pages(base_sd[key])
+
+    stream_checkpoint(output, specs, produce, written)
+    bar.close()
+    return report
+
+
+class _Progress:
+    """Bytes written so far, on stderr: a live line on a terminal, a line every 10% otherwise."""
+
+    def __init__(self, total, enabled):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.start, self.next_mark = time.time(), 0.1
+        self.tty = enabled and sys.stderr.isatty()
+
+    def update(self, nbytes, key):
+        if not self.enabled:
+            return
+        self.done += nbytes
+        frac = self.done / self.total if self.total else 1.0
+        line = f"merging: {frac:4.0%}  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB  {time.time() - self.start:.0f}s  {key}"
+        if self.tty:
+            print(f"\r{line[:100]:<100}", end="", file=sys.stderr, flush=True)
+        elif frac >= self.next_mark or self.done == self.total:
+            print(line, file=sys.stderr, flush=True)
+            while self.next_mark <= frac:
+                self.next_mark += 0.1
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def format_report(report, dtype):
+    """The survival table merge.py prints, with a warning line per kind that loses > 10%."""
+    lines = [f"how much of the fine-tuning survives the cast to the output dtype ({dtype}):",
+             f"  {'kind':<16}{'tensors':>8}{'|update|/|W|':>15}{'lost':>10}"]
+    warnings = []
+    for kind, row in report.items():
+        lost = "no update" if row.lost is None else f"{row.lost:.3e}"
+        rel = "W is 0" if row.relative_update is None else f"{row.relative_update:.3e}"
+        lines.append(f"  {kind:<16}{row.tensors:>8}{rel:>15}{lost:>10}")
+        if row.lost is not None and row.lost > LOST_WARNING:
+            warnings.append(f"WARNING: {row.lost:.0%} of the {kind} update is lost in {dtype}: "
+                            "merge with --dtype fp32 (or fp16) to keep it.")
+    lines.append("  (lost = |written - exact merge| / |exact merge - base|, over all tensors of the kind)")
+    return "\n".join(lines + warnings)
+
+
+__all__ = ["MergeError", "Survival", "merge_checkpoint", "format_report", "kind_of", "check_output", "AdapterError"]

@@ -1,0 +1,52 @@
+"""Checking a merged file end to end: the `rwkv` runtime reads it and must give the logits that
+this repository's model gives with the base weights and the adapter active; then the merged
+model writes a short continuation. Used by merge.py --verify and scripts/verify_merged.py."""
+import os
+
+import torch
+
+from .bone import load_adapter, unload
+from .model import RWKV6
+from .tokenizer import world_tokenizer
+
+WORLD_VOCAB = 65536
+DEFAULT_PROMPT = "Alice has 3 apples. Bob gives Alice"
+
+
+def _rwkv_runtime(path):
+    # The rwkv package reads these at its import; its CUDA kernel must not be built here.
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+    return RWKV(os.fspath(path), strategy="cpu fp32", verbose=False)
+
+
+def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out=print):
+    """Returns (max |logit difference| merged vs base+adapter, the same for base vs base+adapter).
+    Prints both, and the merged model's greedy continuation of `prompt` (deterministic, so two
+    runs compare; World tokenizer when the vocabulary is the World one, token ids otherwise)."""
+    model = RWKV6.from_checkpoint(base, dtype=torch.float32, op="cpu").eval()
+    vocab = model.config.vocab_size
+    tokenizer = world_tokenizer() if vocab == WORLD_VOCAB else None
+    ids = tokenizer.encode(prompt) if tokenizer else [i % vocab for i in range(1, 17)]
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        plain = model(idx)[0][0]
+        load_adapter(model, adapter)
+        adapted = model(idx)[0][0]
+    unload(model)
+    del model
+    runtime = _rwkv_runtime(merged)
+    with torch.no_grad():
+        logits, state = runtime.forward(ids, None, full_output=True)
+        diff = (logits.float() - adapted).abs().max().item()
+        effect = (plain - adapted).abs().max().item()
+        out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "
+            f"adapter in this repository's model: {diff:.3e} (the adapter itself moves the logits by up to {effect:.3e})")
+        new, last = [], logits[-1]
+        for _ in range(n_tokens):
+            new.append(int(last.argmax()))
+            last, state = runtime.forward([new[-1]], state)
+    text = repr(prompt + tokenizer.decode(new)) if tokenizer else f"{ids} -> {new}"
+    out(f"verify: the merged model continues the prompt (greedy): {text}")
+    return diff, effect

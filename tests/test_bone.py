@@ -16,22 +16,13 @@ from src.config import RWKV6Config
 import src.model
 from src.model import RWKV6
 from src.ops.wkv6_reference import wkv6_reference
-from tests.tiny import SHAPES, random_state_dict
+from tests.tiny import SHAPES, random_state_dict, randomize
 
 LAYER = {"bone": BoneLinear, "bat": BatLinear, "lora": LoraLinear}
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def randomize(model, seed=0, scale=0.05):
-    """Give every adapter tensor random values (a trained adapter, not the zero start)."""
-    g = gen(seed)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            for p in layer.adapter_tensors().values():
-                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def make_model(name="small", seed=1, dtype=torch.float64):

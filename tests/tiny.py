@@ -35,6 +35,16 @@ def save_random_checkpoint(directory, name="small", seed=0, dtype="fp32"):
     return path, cfg, sd
 
 
+def randomize(model, seed=0, scale=0.05):
+    """Give every adapter tensor random values (a trained adapter, not the zero start)."""
+    from src.bone import adapter_layers
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for p in layer.adapter_tensors().values():
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 def rwkv_runtime(path):
     """The official `rwkv` package's model on CPU in fp32 (env read at its import: set it first)."""
     os.environ.setdefault("RWKV_JIT_ON", "0")

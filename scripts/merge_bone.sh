@@ -1,0 +1,28 @@
+#!/bin/sh
+# Merge a trained adapter into its base model: an official-layout .pth for any RWKV-6 runtime.
+# Override from the environment: BASE=base.pth ADAPTER=adapter.pth OUTPUT=merged.pth
+# sh scripts/merge_bone.sh; extra arguments go to merge.py (--dtype fp32, --verify, --overwrite...).
+# With no BASE and no ADAPTER it merges the latest adapter of the demo run of scripts/run_bone.sh
+# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it.
+set -e
+cd "$(dirname "$0")/.."
+
+if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
+    BASE=out/demo/base.pth
+    ADAPTER=$(ls out/demo/run/adapter-*.pth 2>/dev/null | sort | tail -n 1)
+    if [ -z "$ADAPTER" ]; then
+        echo "merge_bone.sh: no adapter in out/demo/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
+        exit 1
+    fi
+    OUTPUT=${OUTPUT:-out/demo/merged.pth}
+    set -- --overwrite --verify "$@"
+fi
+: "${BASE:?set BASE to the base model .pth}"
+: "${ADAPTER:?set ADAPTER to the adapter .pth written by train.py}"
+
+python merge.py \
+    --base_model "$BASE" \
+    --adapter "$ADAPTER" \
+    --output "${OUTPUT:-${ADAPTER%.pth}-merged.pth}" \
+    --dtype "${DTYPE:-same}" \
+    "$@"

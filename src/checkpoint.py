@@ -1,5 +1,6 @@
 """Reading and writing official-layout .pth files, and fresh x060 weights."""
 import ctypes
+import functools
 import io
 import math
 import mmap
@@ -136,19 +137,44 @@ def stream_checkpoint(path, specs, produce, written=None):
     atomic_write(path, write)
 
 
+@functools.lru_cache(maxsize=None)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def trim_heap():
+    """Hand freed heap memory back to the system (glibc malloc_trim). Temporaries freed by
+    torch's worker threads sit in per-thread malloc arenas that glibc rarely shrinks on its own,
+    so a long tensor-by-tensor job can otherwise look as if it held everything it ever made."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=None)
+def _madvise():
+    libc = _libc()
+    if libc is None or not hasattr(libc, "madvise"):
+        return None
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
+
+
 def release_pages(t):
     """Let the kernel take back the resident pages under `t` now (madvise MADV_PAGEOUT): for a
     tensor of a file loaded with mmap=True, which is read once and never written, they simply
     leave this process's memory and would be read from the file again if touched, so walking a
     whole checkpoint costs one tensor's worth of memory rather than the file's. Safe on any
     memory (anonymous pages would go to swap); a no-op where the call is unavailable."""
-    if not sys.platform.startswith("linux") or t.device.type != "cpu" or t.nbytes == 0:
+    madvise = _madvise()
+    if madvise is None or t.device.type != "cpu" or t.nbytes == 0:
         return
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
     start = -(-t.data_ptr() // page) * page                  # whole pages inside the tensor only
     end = (t.data_ptr() + t.nbytes) // page * page

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 
 from .bone import AdapterError, merged_exact, plan_merge, train_part_of
-from .checkpoint import DTYPES, load_checkpoint, release_pages, stream_checkpoint
+from .checkpoint import DTYPES, load_checkpoint, release_pages, stream_checkpoint, trim_heap
 
 OUTPUT_DTYPES = ("same",) + tuple(DTYPES)
 LOST_WARNING = 0.1      # warn when more than this fraction of an update is lost to the cast
 CHUNK = 1 << 22         # elements per slice when measuring (bounds the temporaries)
+TRIM_EVERY = 1 << 26    # bytes written between handing freed heap memory back
 
 
 class MergeError(ValueError):
@@ -58,17 +59,25 @@ def kind_of(key):
     return ".".join(parts[2:-1]) if key.startswith("blocks.") else ".".join(parts[:-1])
 
 
-def _sq_dist(a, b):
-    """|a - b|^2 in float64, a slice of rows at a time (b None: |a|^2)."""
-    a2, total = a.reshape(a.shape[0], -1) if a.dim() > 1 else a.reshape(1, -1), 0.0
-    b2 = None if b is None else b.reshape(a2.shape)
-    rows = max(1, CHUNK // max(1, a2.shape[1]))
-    for i in range(0, a2.shape[0], rows):
-        d = a2[i:i + rows].double()
-        if b2 is not None:
-            d -= b2[i:i + rows].double()
-        total += float(d.pow(2).sum())
-    return total
+def _slices(t):
+    """Flat slices of at most CHUNK elements: bounded temporaries when measuring big tensors."""
+    flat = t.reshape(-1)
+    return (flat[i:i + CHUNK] for i in range(0, flat.numel(), CHUNK))
+
+
+def _sq(x):
+    return float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+
+
+def _measure(row, w, exact, out):
+    """Add one tensor's |W|^2, |exact - W|^2 and |out - exact|^2 to its report row, in one pass."""
+    row.tensors += 1
+    for w_s, e_s, o_s in zip(_slices(w), _slices(exact), _slices(out)):
+        w_s = w_s.to(e_s.dtype)
+        row.weight_sq += _sq(w_s)
+        row.update_sq += _sq(e_s - w_s)
+        if o_s.dtype != e_s.dtype:          # same dtype: nothing was lost
+            row.lost_sq += _sq(o_s.to(e_s.dtype) - e_s)
 
 
 def _itemsize(dtype):
@@ -76,8 +85,11 @@ def _itemsize(dtype):
 
 
 def _finite(t):
-    rows = t.reshape(-1)
-    return all(bool(torch.isfinite(rows[i:i + CHUNK]).all()) for i in range(0, rows.numel(), CHUNK))
+    # A sum is finite only if every term is (Inf and NaN propagate), and summing is several
+    # times faster than isfinite(); only a non-finite sum (or an overflowing one) needs the check.
+    if torch.isfinite(t.sum(dtype=torch.float32)):
+        return True
+    return all(bool(torch.isfinite(s).all()) for s in _slices(t))
 
 
 def _same_file(a, b):
@@ -154,20 +166,24 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
             exact = merged_exact(wd, change[1], mode, change[2]) if change[0] == "merge" \
                 else change[1].to(dev, torch.promote_types(w.dtype, torch.float32))
             out = exact.to(out_dtype[key])
-            row = report.setdefault(kind_of(key), Survival())
-            row.tensors += 1
-            row.weight_sq += _sq_dist(wd, None)
-            row.update_sq += _sq_dist(exact, wd)
-            row.lost_sq += _sq_dist(out, exact)
+            _measure(report.setdefault(kind_of(key), Survival()), wd, exact, out)
             del exact, wd
-        if safe_merge and not _finite(out):
+        # What merging or casting made is checked; a tensor copied bit for bit is the base's own.
+        if safe_merge and (change is not None or out.dtype != w.dtype) and not _finite(out):
             raise MergeError(f"Merging {key} gives NaN or Inf in {str(out.dtype).replace('torch.', '')}: "
                              "nothing was written (a wider --dtype such as fp32 may hold it).")
         return out
 
+    untrimmed = [0]
+
     def written(key):
-        bar.update(math.prod(specs[key][0]) * _itemsize(specs[key][1]), key)
+        size = math.prod(specs[key][0]) * _itemsize(specs[key][1])
+        bar.update(size, key)
         release_pages(base_sd[key])
+        untrimmed[0] += size
+        if untrimmed[0] >= TRIM_EVERY:
+            trim_heap()
+            untrimmed[0] = 0
 
     stream_checkpoint(output, specs, produce, written)
     bar.close()

@@ -160,7 +160,7 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
         w = base_sd[key]
         change = plan.get(key)
         if change is None:
-            out = w.to(dev, out_dtype[key])
+            out = w.to(out_dtype[key])          # copied (or cast) on the CPU, whatever --device says
         else:
             wd = w.to(dev)
             exact = merged_exact(wd, change[1], mode, change[2]) if change[0] == "merge" \

@@ -233,6 +233,16 @@ def test_an_unwritable_directory_is_refused(tmp_path, pair):
         locked.chmod(0o700)
 
 
+def test_a_full_disk_is_refused_before_writing(tmp_path, pair, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    base, adapter = pair
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    refused(tmp_path, ["--base_model", base, "--adapter", adapter, "--output", tmp_path / "o.pth"],
+            r"The merged model needs 0\.00 GB but .* has 0\.00 GB free")
+
+
 def test_nan_in_the_adapter_is_refused_unless_asked(tmp_path, pair):
     base, adapter = pair
     sd = dict(load_state_dict(adapter, mmap=False))

@@ -92,6 +92,10 @@ def _finite(t):
     return all(bool(torch.isfinite(s).all()) for s in _slices(t))
 
 
+def _size(nbytes):
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def _same_file(a, b):
     try:
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
@@ -117,7 +121,7 @@ def check_output(output, base, adapter, overwrite, nbytes):
         raise MergeError(f"Cannot write to {existing}: choose an --output in a directory you can write to.")
     free = shutil.disk_usage(existing).free
     if free < nbytes:
-        raise MergeError(f"The merged model needs {nbytes / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free: "
+        raise MergeError(f"The merged model needs {_size(nbytes)} but {existing} has {_size(free)} free: "
                          "free some space or choose another --output.")
 
 

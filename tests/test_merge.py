@@ -240,7 +240,7 @@ def test_a_full_disk_is_refused_before_writing(tmp_path, pair, monkeypatch):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
     refused(tmp_path, ["--base_model", base, "--adapter", adapter, "--output", tmp_path / "o.pth"],
-            r"The merged model needs 0\.00 GB but .* has 0\.00 GB free")
+            r"The merged model needs 0\.\d MB but .* has 0\.0 MB free: free some space")
 
 
 def test_nan_in_the_adapter_is_refused_unless_asked(tmp_path, pair):
@@ -267,12 +267,20 @@ def test_an_overflowing_merge_leaves_the_old_output_alone(tmp_path, pair):
     assert out.read_bytes() == b"the previous merge"
 
 
-def test_overwrite_and_the_older_flag_name(tmp_path, pair):
+def test_overwrite_and_the_older_repository_s_flag_and_files(tmp_path, pair):
     base, adapter = pair
-    out = tmp_path / "o.pth"
+    out, old_out = tmp_path / "o.pth", tmp_path / "old.pth"
     out.write_bytes(b"old")
-    assert run_merge("--base_model", base, "--lora_checkpoint", adapter, "--output", out, "--overwrite", "--quiet") is None
+    assert run_merge("--base_model", base, "--adapter", adapter, "--output", out, "--overwrite", "--quiet") is None
     assert list(load_state_dict(out)) == list(load_state_dict(base))
+    # An adapter file as the older repository wrote it: no metadata, every key under "model.".
+    sd = dict(load_state_dict(adapter, mmap=False))
+    sd.pop("__bone_meta__")
+    legacy = tmp_path / "legacy.pth"
+    atomic_save({"model." + k: v for k, v in sd.items()}, legacy)
+    assert run_merge("--base_model", base, "--lora_checkpoint", legacy, "--output", old_out, "--quiet") is None
+    new, old = load_state_dict(out), load_state_dict(old_out)
+    assert all(torch.equal(new[k], old[k]) for k in new)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
 
 

@@ -1,0 +1,223 @@
+"""Adapter files: writing and reading them (this project's and the older repository's), loading
+one into a model, and planning a merge into a base checkpoint without building a model.
+
+A file is a flat dict of tensors loadable with ``torch.load(weights_only=True)``:
+``blocks.3.att.key.bone`` (both bone and bat modes), ``blocks.3.att.key.lora_A`` / ``.lora_B``,
+the train-part tensors under their official names (``blocks.3.att.time_decay``, ``emb.weight``...),
+and under the reserved key ``__bone_meta__`` a dict of plain Python values: format, version,
+mode, r per module, target list, train parts, lora_alpha, and the base model's shape fingerprint.
+"""
+import os
+from collections import OrderedDict
+
+import torch
+
+from ..checkpoint import atomic_save, load_state_dict
+from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
+from .functional import adapter_shapes
+from .model import _attach, _build_layers, _state, adapter_layers
+
+META_KEY = "__bone_meta__"
+FILE_FORMAT = "rwkv6-adapter"
+FILE_VERSION = 1
+
+
+def _fingerprint(model):
+    config = getattr(model, "config", None)
+    return config.fingerprint() if config is not None and hasattr(config, "fingerprint") else None
+
+
+def _detached(t):
+    t = t.detach().to("cpu")
+    return t.clone() if t.untyped_storage().nbytes() != t.nbytes or not t.is_contiguous() else t
+
+
+def adapter_state_dict(model):
+    """The tensors save_adapter writes, with the metadata under META_KEY."""
+    state = _state(model)
+    layers = adapter_layers(model)
+    adapter_keys = {f"{name}.{t}" for name, layer in layers.items() for t in layer.adapter_tensors()}
+    sd = OrderedDict()
+    for n, p in model.named_parameters():      # model order: official order, adapters beside their weights
+        if n in adapter_keys or train_part_of(n) in state.train_parts:
+            sd[n] = _detached(p)
+    sd[META_KEY] = {
+        "format": FILE_FORMAT, "version": FILE_VERSION, "mode": state.mode,
+        "r": {name: layer.r for name, layer in layers.items()},
+        "targets": list(layers), "train_parts": list(state.train_parts),
+        "lora_alpha": state.lora_alpha, "fingerprint": _fingerprint(model),
+    }
+    return sd
+
+
+def save_adapter(model, path):
+    """Write the adapter and train-part tensors (official-style keys) plus metadata, atomically."""
+    atomic_save(adapter_state_dict(model), path)
+
+
+def _read_meta(meta, source):
+    ok = (isinstance(meta, dict) and meta.get("format") == FILE_FORMAT and isinstance(meta.get("version"), int)
+          and meta.get("mode") in MODES and isinstance(meta.get("r"), dict) and isinstance(meta.get("train_parts"), list))
+    if not ok:
+        raise AdapterError(f"{source} has a {META_KEY} entry that is not this project's adapter metadata.")
+    if meta["version"] > FILE_VERSION:
+        raise AdapterError(f"{source} is adapter format version {meta['version']}; this code reads up to "
+                           f"{FILE_VERSION}: update it.")
+    return meta
+
+
+def _legacy_meta(sd, source):
+    """Metadata for an adapter file of the older repository (bone/bat only): keys X.bone (or
+    X.disha), perhaps all under 'model.'; mode and r read off the tensor shapes."""
+    if sd and all(k.startswith("model.") for k in sd):
+        sd = OrderedDict((k[len("model."):], v) for k, v in sd.items())
+    sd = OrderedDict((k[:-len(".disha")] + ".bone" if k.endswith(".disha") else k, v) for k, v in sd.items())
+    ranks, modes = OrderedDict(), set()
+    for k, v in sd.items():
+        if k.endswith(".bone") and isinstance(v, torch.Tensor):
+            modes.add("bone" if v.dim() == 2 else "bat" if v.dim() == 3 else "?")
+            ranks[k[:-len(".bone")]] = v.shape[0] if v.dim() == 2 else v.shape[-1]
+    if not ranks or "?" in modes or len(modes) > 1:
+        raise AdapterError(f"{source} has no {META_KEY} entry and no consistent .bone tensors: it is not an adapter file.")
+    parts = sorted({train_part_of(k) for k in sd if train_part_of(k)}, key=TRAIN_PARTS.index)
+    meta = {"format": FILE_FORMAT, "version": 0, "mode": modes.pop(), "r": dict(ranks), "targets": list(ranks),
+            "train_parts": parts, "lora_alpha": None, "fingerprint": None}
+    return sd, meta
+
+
+def _describe(fp):
+    return ", ".join(f"{k}={v}" for k, v in fp.items())
+
+
+def read_adapter(path_or_state_dict, mmap=False):
+    """(tensors, metadata, source) of an adapter file or state dict. Files of the older
+    repository (no metadata) get theirs read off the tensor shapes. A file that is not an
+    adapter is refused with one sentence (AdapterError, or CheckpointError when unreadable)."""
+    if isinstance(path_or_state_dict, dict):
+        sd, source = OrderedDict(path_or_state_dict), "the adapter state dict"
+    else:
+        source = os.fspath(path_or_state_dict)
+        sd = OrderedDict(load_state_dict(source, mmap=mmap))
+    if META_KEY in sd:
+        meta = _read_meta(sd.pop(META_KEY), source)
+    else:
+        sd, meta = _legacy_meta(sd, source)
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise AdapterError(f"{source} holds a non-tensor value under {bad[0]!r}: it is not an adapter file.")
+    return sd, meta, source
+
+
+def _check_fingerprint(meta, mine, source):
+    theirs = meta.get("fingerprint")
+    if theirs is not None and mine is not None and dict(theirs) != mine:
+        diff = {k: v for k, v in theirs.items() if mine.get(k) != v}
+        raise AdapterError(f"{source} was made for a model with {_describe(diff)}, but this model has "
+                           f"{_describe({k: mine.get(k) for k in diff})}: it cannot be loaded here.")
+
+
+def load_adapter(model, path_or_state_dict, verbose=False):
+    """Load an adapter file into `model`. On a plain model the adapters named in the file are
+    applied first (mode, r per module, train parts from its metadata); on an adapted model the
+    file must match its mode, modules and ranks. Every tensor in the file must find a home with
+    the same shape, and every adapter tensor of the model must be in the file; a file made for
+    another model shape or mode is refused with one sentence. Nothing changes if a check fails.
+    Returns the model."""
+    sd, meta, source = read_adapter(path_or_state_dict)
+    _check_fingerprint(meta, _fingerprint(model), source)
+
+    state = getattr(model, "_bone_adapters", None)
+    if state is None:
+        layers = _build_layers(model, meta["mode"], OrderedDict(meta["r"]), True, meta.get("lora_alpha"))
+    else:
+        layers = adapter_layers(model)
+        if meta["mode"] != state.mode:
+            raise AdapterError(f"{source} holds {meta['mode']} adapters, but this model has {state.mode} adapters: "
+                               "apply the file's mode (or load it into a plain model).")
+        ranks = {n: m.r for n, m in layers.items()}
+        if dict(meta["r"]) != ranks:
+            theirs_r, mine_r = dict(meta["r"]), ranks
+            names = list(mine_r) + [n for n in theirs_r if n not in mine_r]
+            name = next(n for n in names if theirs_r.get(n) != mine_r.get(n))   # the first, in model order
+            raise AdapterError(f"{source} adapts {name} with r = {theirs_r.get(name, 'none')}, but this model has "
+                               f"r = {mine_r.get(name, 'none')} there: its adapters were set up differently.")
+        if meta["mode"] == "lora" and meta.get("lora_alpha") != state.lora_alpha:
+            raise AdapterError(f"{source} was trained with lora_alpha = {meta.get('lora_alpha')}, but this model's "
+                               f"LoRA layers use {state.lora_alpha}.")
+
+    homes = OrderedDict()
+    for name, layer in layers.items():
+        for t, p in layer.adapter_tensors().items():
+            homes[f"{name}.{t}"] = p
+    adapter_keys = set(homes)
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        if train_part_of(n) is not None and n not in homes:
+            homes[n] = p
+    for k, v in sd.items():
+        if k not in homes:
+            raise AdapterError(f"{source} has a tensor {k} that belongs to no adapter or train part of this model.")
+        if tuple(v.shape) != tuple(homes[k].shape):
+            raise AdapterError(f"{source} has {k} of shape {list(v.shape)}, but this model's is {list(homes[k].shape)}.")
+    missing = [k for k in adapter_keys if k not in sd]
+    missing += [n for n in params if train_part_of(n) in meta["train_parts"] and n not in sd]
+    if missing:
+        raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
+
+    if state is None:
+        if "head" in layers and "head" in meta["train_parts"]:
+            raise AdapterError(f"{source} both adapts and trains head: it is inconsistent.")
+        _attach(model, layers, meta["mode"], meta["train_parts"], meta.get("lora_alpha"))
+    with torch.no_grad():
+        for k, v in sd.items():
+            homes[k].copy_(v)
+    if verbose:
+        print(f"loaded {len(sd)} tensors from {source}")
+    return model
+
+
+def plan_merge(base_shapes, fingerprint, path_or_state_dict):
+    """What merging an adapter into a base checkpoint changes, checked before any work, without
+    building a model. base_shapes: {official key: shape} of the base; fingerprint: its
+    RWKV6Config.fingerprint(). Returns (mode, plan), plan = {base key: change} in base order,
+    where a change is ("merge", adapter tensor or (lora_A, lora_B), scaling) for an adapted
+    weight and ("replace", tensor) for a train-part tensor. The file is read with mmap; the
+    same refusals as load_adapter, each one sentence (AdapterError)."""
+    sd, meta, source = read_adapter(path_or_state_dict, mmap=True)
+    _check_fingerprint(meta, fingerprint, source)
+    mode = meta["mode"]
+    changes, used = {}, set()
+    for name, r in meta["r"].items():
+        key = f"{name}.weight"
+        if key not in base_shapes or len(base_shapes[key]) != 2:
+            raise AdapterError(f"{source} adapts {name}, but the base model has no such linear weight.")
+        out_f, in_f = base_shapes[key]
+        if mode == "bat" and (in_f % r or out_f % r):
+            raise AdapterError(f"{source} holds a bat adapter of r = {r} for {name}, whose sizes "
+                               f"{in_f} -> {out_f} are not multiples of r: the file is inconsistent.")
+        tensors = []
+        for t, shape in adapter_shapes(mode, r, out_f, in_f).items():
+            k = f"{name}.{t}"
+            if k not in sd:
+                raise AdapterError(f"{source} lacks {k}, which its metadata says it holds: the file is incomplete.")
+            if tuple(sd[k].shape) != tuple(shape):
+                raise AdapterError(f"{source} has {k} of shape {list(sd[k].shape)}, but the base model needs {list(shape)}.")
+            tensors.append(sd[k])
+            used.add(k)
+        lora_alpha = meta.get("lora_alpha")
+        scaling = 1.0 if mode != "lora" or lora_alpha is None else lora_alpha / r
+        changes[key] = ("merge", tuple(tensors) if mode == "lora" else tensors[0], scaling)
+    for k, v in sd.items():
+        if k in used:
+            continue
+        if k not in base_shapes or train_part_of(k) is None:
+            raise AdapterError(f"{source} has a tensor {k} that belongs to no adapter or train part of the base model.")
+        if tuple(v.shape) != tuple(base_shapes[k]):
+            raise AdapterError(f"{source} has {k} of shape {list(v.shape)}, but the base model's is {list(base_shapes[k])}.")
+        if k in changes:
+            raise AdapterError(f"{source} both adapts and trains {k}: it is inconsistent.")
+        changes[k] = ("replace", v)
+    missing = [k for k in base_shapes if train_part_of(k) in meta["train_parts"] and k not in changes]
+    if missing:
+        raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
+    return mode, OrderedDict((k, changes[k]) for k in base_shapes if k in changes)

@@ -1,0 +1,150 @@
+"""Applying adapters to an RWKV6 model, counting, merging in memory and unloading."""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+
+from .config import AdapterError, as_config, train_part_of
+from .layers import LAYERS, AdapterLinear
+
+
+class _AdapterState:
+    """Kept on the model as model._bone_adapters: what was applied, and the requires_grad flags
+    from before, which unload/merge_and_unload put back."""
+
+    def __init__(self, mode, train_parts, lora_alpha, requires_grad):
+        self.mode, self.train_parts, self.lora_alpha = mode, list(train_parts), lora_alpha
+        self.requires_grad = requires_grad
+
+
+def adapter_layers(model):
+    """{module path: adapter layer} in model order."""
+    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, AdapterLinear))
+
+
+def _state(model):
+    state = getattr(model, "_bone_adapters", None)
+    if state is None:
+        raise AdapterError("The model has no adapters: apply_adapters (or load_adapter) first.")
+    return state
+
+
+def _set_submodule(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None):
+    """New adapter layers for {module path: r}, not yet in the model (so a failure changes nothing)."""
+    layers = OrderedDict()
+    for name, r in ranks.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            base = None
+        if not isinstance(base, nn.Linear):
+            raise AdapterError(f"The model has no linear module {name} to adapt.")
+        kwargs = {"lora_alpha": lora_alpha} if mode == "lora" else {}
+        layers[name] = LAYERS[mode](base, r, name=name, init_weights=init_weights, **kwargs)
+    return layers
+
+
+def _attach(model, layers, mode, train_parts, lora_alpha):
+    flags = OrderedDict((n, p.requires_grad) for n, p in model.named_parameters())
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    model.requires_grad_(False)
+    for n, p in model.named_parameters():
+        if train_part_of(n) in train_parts:
+            p.requires_grad_(True)
+    for layer in layers.values():
+        for p in layer.adapter_tensors().values():
+            p.requires_grad_(True)
+    model._bone_adapters = _AdapterState(mode, train_parts, lora_alpha, flags)
+
+
+def apply_adapters(model, config=None, verbose=True):
+    """Swap every targeted nn.Linear of `model` for an adapter layer of config.mode, freeze the
+    rest except config.train_parts, load config.load if given, and print the trainable-parameter
+    summary. Returns the model (changed in place). Nothing changes if any check fails."""
+    config = as_config(config)
+    if getattr(model, "_bone_adapters", None) is not None:
+        raise AdapterError("The model already has adapters: call unload or merge_and_unload first.")
+    ranks = config.select(model)
+    if "head" in ranks and "head" in config.train_parts:
+        raise AdapterError("head is both an adapter target and a train part: choose one.")
+    layers = _build_layers(model, config.mode, ranks, config.init_weights, config.lora_alpha)
+    _attach(model, layers, config.mode, config.train_parts, config.lora_alpha)
+    if config.load:
+        from .files import load_adapter   # files builds on this module, so it is imported here
+        try:
+            load_adapter(model, config.load)
+        except BaseException:
+            unload(model)      # a file that does not fit leaves the model as it was
+            raise
+    if verbose:
+        print_trainable_parameters(model)
+    return model
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts, adapters included."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def print_trainable_parameters(model):
+    """Print (and return) the line PEFT prints: trainable, total and the trainable share."""
+    trainable, total = trainable_parameters(model)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line
+
+
+def _plain_linear(layer, weight, requires_grad):
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=requires_grad)
+    linear.weight.requires_grad_(requires_grad)
+    if layer.bias is not None:
+        linear.bias = layer.bias
+    return linear
+
+
+def _restore(model, replacements, state):
+    for name, linear in replacements.items():
+        _set_submodule(model, name, linear)
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(n, True))
+    del model._bone_adapters
+    return model
+
+
+def merge_and_unload(model, safe_merge=True):
+    """Fold every adapter into its weight (merge_weight: fp32 math, one cast) and put plain
+    nn.Linear modules back: the model's state dict is the official one again. safe_merge checks
+    every adapter tensor and every merged weight for NaN/Inf before any weight is touched."""
+    state = _state(model)
+    layers = adapter_layers(model)
+    if safe_merge:
+        for name, layer in layers.items():
+            for t, p in layer.adapter_tensors().items():
+                if not torch.isfinite(p).all():
+                    raise AdapterError(f"{name}.{t} holds NaN or Inf: nothing was merged.")
+        for name, layer in layers.items():
+            if not torch.isfinite(layer.merged_weight()).all():
+                raise AdapterError(f"Merging {name} overflows its {layer.weight.dtype} weight to Inf: nothing was merged.")
+    replacements = OrderedDict()
+    for name, layer in layers.items():
+        merged = layer.merged_weight()
+        replacements[name] = _plain_linear(layer, merged, state.requires_grad.get(f"{name}.weight", True))
+        _set_submodule(model, name, replacements[name])   # frees the old weight layer by layer
+    return _restore(model, replacements, state)
+
+
+def unload(model):
+    """Remove every adapter without merging: the plain base model again (requires_grad flags as
+    they were before apply_adapters)."""
+    state = _state(model)
+    replacements = OrderedDict((name, _plain_linear(layer, layer.weight, state.requires_grad.get(f"{name}.weight", True)))
+                               for name, layer in adapter_layers(model).items())
+    return _restore(model, replacements, state)

@@ -61,6 +61,7 @@ class AdapterLinear(nn.Module):
 
 class BoneLinear(AdapterLinear):
     mode = "bone"
+    _linear = staticmethod(bone_linear)
 
     def __init__(self, base, r, name="", init_weights=True):
         super().__init__(base, r, name)
@@ -69,14 +70,16 @@ class BoneLinear(AdapterLinear):
             nn.init.kaiming_uniform_(self.bone, a=math.sqrt(5))
 
     def _forward(self, x, weight, bias, dtype):
-        return bone_linear(x, weight, self.bone.to(dtype), bias)
+        return self._linear(x, weight, self.bone.to(dtype), bias)
 
     def merged_weight(self):
-        return merge_weight(self.weight, self.bone, "bone")
+        return merge_weight(self.weight, self.bone, self.mode)
 
 
-class BatLinear(AdapterLinear):
+class BatLinear(BoneLinear):
+    """The same tensor name and life as bone's; only the product (and its shape rule) differ."""
     mode = "bat"
+    _linear = staticmethod(bat_linear)
 
     def __init__(self, base, r, name="", init_weights=True):
         if base.in_features % r or base.out_features % r:
@@ -85,16 +88,7 @@ class BatLinear(AdapterLinear):
             raise AdapterError(f"bat mode needs both sizes divisible by r, but {name or 'a module'} is "
                                f"{base.in_features} -> {base.out_features} and r = {r}: use r = {hint} there "
                                "(rank_pattern), exclude it, or use bone mode.")
-        super().__init__(base, r, name)
-        self.bone = self._new("bone")
-        if not init_weights:
-            nn.init.kaiming_uniform_(self.bone, a=math.sqrt(5))
-
-    def _forward(self, x, weight, bias, dtype):
-        return bat_linear(x, weight, self.bone.to(dtype), bias)
-
-    def merged_weight(self):
-        return merge_weight(self.weight, self.bone, "bat")
+        super().__init__(base, r, name, init_weights)
 
 
 class LoraLinear(AdapterLinear):

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     a("--adam_eps", type=float, default=1e-8, help="Adam epsilon")
     a("--weight_decay", type=float, default=0.0, help="on matrices only (adapters decay towards the base model)")
     a("--grad_cp", type=int, default=0, help="1: gradient checkpointing (less memory, about 30%% slower)")
+    a("--chunk_ctx", type=int, default=0, help="run each sample this many tokens at a time, with exact gradients: "
+                                               "memory no longer grows with --ctx_len (0: off)")
     a("--accelerator", default="auto", help="gpu | cpu | auto")
     a("--devices", type=int, default=1, help="processes (GPUs) per node")
     a("--num_nodes", type=int, default=1, help="machines (see README: multi-node)")
@@ -92,6 +94,8 @@ def run(args):
     if precision not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"Unknown --precision {args.precision!r}: choose bf16, fp16, fp32 or auto.")
     learning_rate(0, 1, args.lr_init, args.lr_final, 0, args.lr_schedule)  # refuses an unknown schedule now
+    if args.chunk_ctx < 0:
+        raise ValueError(f"--chunk_ctx {args.chunk_ctx} is negative: give a chunk length in tokens, or 0 for off.")
     strategy = make_strategy(args.strategy, accelerator)
     pl.seed_everything(args.seed, workers=True)
 
@@ -106,7 +110,8 @@ def run(args):
     step_offset = args.epoch_begin * args.epoch_steps
     total_steps = args.max_steps or args.epoch_count * args.epoch_steps
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
-                           weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"))
+                           weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"),
+                           chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
     world = args.devices * args.num_nodes
     schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
     callbacks = [

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .checkpoint import load_checkpoint
 from .config import RWKV6Config
 from .ops import OPS, wkv6
+from .ops.head_loss import head_loss
 
 
 def token_shift(x, prev):
@@ -102,6 +103,18 @@ class Block(nn.Module):
         return x + dx, att_shift, wkv_state, ffn_shift
 
 
+class Head(nn.Linear):
+    """The output projection (key `head.weight`). Given targets it returns the training loss
+    instead of the logits, fused with the projection block by block (ops/head_loss.py), so the
+    whole sample's logits never exist. Either way it is called as a module, so that DeepSpeed
+    ZeRO-3 gathers its weight."""
+
+    def forward(self, x, targets=None, **loss_args):
+        if targets is None:
+            return super().forward(x)
+        return head_loss(x, self.weight, targets, **loss_args)
+
+
 class RWKV6(nn.Module):
     def __init__(self, cfg: RWKV6Config, op="auto", grad_cp=False):
         super().__init__()
@@ -113,7 +126,7 @@ class RWKV6(nn.Module):
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = Head(cfg.n_embd, cfg.vocab_size, bias=False)
 
     @classmethod
     def from_state_dict(cls, sd, **kwargs):
@@ -139,9 +152,9 @@ class RWKV6(nn.Module):
         wkv = lambda: torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=p.device)  # noqa: E731
         return [(shift(), wkv(), shift()) for _ in range(cfg.n_layer)]
 
-    def forward(self, idx, state=None, full_output=True):
-        """idx: [B, T] token ids. Returns (logits [B, T, vocab], new state); with
-        full_output=False only the last position's logits ([B, 1, vocab]), as for a prompt."""
+    def hidden(self, idx, state=None):
+        """idx: [B, T] token ids. Returns (ln_out of the last block's output [B, T, C], new state):
+        everything but the head."""
         if state is None:
             state = self.empty_state(idx.shape[0])
         x = self.emb(idx)
@@ -155,6 +168,12 @@ class RWKV6(nn.Module):
                 out = block(x, att_shift, wkv_state, ffn_shift, self.op)
             x, layer_state = out[0], out[1:]
             new_state.append(layer_state)
+        return self.ln_out(x), new_state
+
+    def forward(self, idx, state=None, full_output=True):
+        """idx: [B, T] token ids. Returns (logits [B, T, vocab], new state); with
+        full_output=False only the last position's logits ([B, 1, vocab]), as for a prompt."""
+        x, new_state = self.hidden(idx, state)
         if not full_output:
             x = x[:, -1:]
-        return self.head(self.ln_out(x)), new_state
+        return self.head(x), new_state

@@ -51,9 +51,10 @@ def latest_adapter(out):
     return sorted(out.glob("adapter-*.pth"))[-1]
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3"])
-def test_zero_stage_trains_and_saves_a_loadable_adapter(setup, tmp_path, strategy):
-    train(setup, tmp_path, "--strategy", strategy, "--train_parts", "ln")
+@pytest.mark.parametrize("strategy, extra", [("deepspeed_stage_1", []), ("deepspeed_stage_2", []),
+                                             ("deepspeed_stage_3", []), ("deepspeed_stage_3", ["--chunk_ctx", "12"])])
+def test_zero_stage_trains_and_saves_a_loadable_adapter(setup, tmp_path, strategy, extra):
+    train(setup, tmp_path, "--strategy", strategy, "--train_parts", "ln", *extra)
     loss = losses(tmp_path)
     assert len(loss) == 16
     assert np.mean([loss[s] for s in range(13, 17)]) < np.mean([loss[s] for s in range(1, 5)]) - 0.1, loss
@@ -90,11 +91,15 @@ def test_two_processes_give_the_one_process_adapter(setup, tmp_path):
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a), (a, b)
 
 
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(setup, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--chunk_ctx", "12"]], ids=["plain", "chunked"])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(setup, tmp_path, extra):
     straight = tmp_path / "straight"
-    train(setup, straight, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", steps=32)
+    train(setup, straight, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", *extra, steps=32)
+    a = losses(straight)
+    assert np.mean([a[s] for s in range(29, 33)]) < np.mean([a[s] for s in range(1, 5)]) - 0.1, a
     killed = tmp_path / "killed"
-    proc = train(setup, killed, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", steps=32, wait=False)
+    proc = train(setup, killed, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", *extra, steps=32,
+                 wait=False)
     deadline = time.time() + 240
     while not (killed / "resume").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first resume point"
@@ -103,8 +108,8 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(setup, tmp_path
     proc.wait()
     resumed_from = max(int(p.name[8:15]) for p in killed.glob("adapter-*.pth"))
     assert resumed_from < 32, "killed too late to test anything"
-    train(setup, killed, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", "--resume", steps=32)
-    a, b = losses(straight), losses(killed)
+    train(setup, killed, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", "--resume", *extra, steps=32)
+    b = losses(killed)
     assert sorted(b) == list(range(1, 33))
     for step in range(resumed_from + 1, 33):
         # Same samples, same optimizer state: equal up to fp32 summation order.

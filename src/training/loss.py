@@ -1,6 +1,9 @@
 """The training loss: token cross-entropy over the unmasked positions, with RWKV's L2Wrap."""
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..model import Head
 
 
 class L2Wrap(torch.autograd.Function):
@@ -21,12 +24,53 @@ class L2Wrap(torch.autograd.Function):
         return grad_output, glogits, None
 
 
-def masked_lm_loss(logits, targets, mask):
-    """Mean cross-entropy over positions where mask is 1 (all positions when mask is None)."""
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    if mask is None:
-        loss = losses.mean()
-    else:
+def masked_lm_loss(logits, targets, mask, n_tokens=None, denom=None):
+    """Mean cross-entropy over positions where mask is 1 (all positions when mask is None), from
+    materialised logits: the plain form. A piece of a batch passes the whole batch's n_tokens
+    (L2Wrap's divisor) and denom (its number of unmasked targets)."""
+    losses = F.cross_entropy(logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32)),
+                             targets.flatten(), reduction="none")
+    if mask is not None:
         mask = mask.flatten().to(losses.dtype)
-        loss = (losses * mask).sum() / mask.sum().clamp(min=1)
-    return L2Wrap.apply(loss, logits, targets.numel())
+        losses = losses * mask
+    if denom is None:
+        denom = mask.sum().clamp(min=1) if mask is not None else losses.numel()
+    return L2Wrap.apply(losses.sum() / denom, logits, targets.numel() if n_tokens is None else n_tokens)
+
+
+def lm_loss(model, idx, targets, mask=None, chunk_ctx=0):
+    """The training loss of an RWKV6 model on a batch: equal, value and gradients, to
+    masked_lm_loss(model(idx)[0], targets, mask), without ever holding the whole batch's logits.
+
+    chunk_ctx > 0 runs the sample chunk_ctx tokens at a time: each chunk's blocks are recomputed
+    in the backward pass (activation memory: one chunk's), and the state (token shifts and the
+    fp32 WKV state) passes from chunk to chunk with its gradient, so backpropagation runs through
+    the whole sample exactly, not truncated at chunk boundaries. Every chunk's loss is divided by
+    the whole batch's number of unmasked targets: a chunk with none adds zero.
+    """
+    n_tokens = targets.numel()
+    denom = mask.sum().clamp(min=1) if mask is not None else n_tokens
+    T = idx.shape[1]
+    step = chunk_ctx if chunk_ctx > 0 else T
+    state, sink, loss = None, {}, 0.0
+    for s in range(0, T, step):
+        piece = slice(s, min(T, s + step))
+        if step < T:
+            x, state = checkpoint(model.hidden, idx[:, piece], state, use_reentrant=False)
+        else:
+            x, state = model.hidden(idx[:, piece], state)
+        m = None if mask is None else mask[:, piece]
+        loss = loss + _head_loss(model.head, x, targets[:, piece], m, n_tokens, denom, sink)
+    return loss
+
+
+def _head_loss(head, x, targets, mask, n_tokens, denom, sink):
+    if isinstance(head, Head):
+        return head(x, targets, mask=mask, n_tokens=n_tokens, denom=denom, sink=sink)
+    # An adapted head (an adapter layer, not the plain Head): the plain loss on recomputed
+    # logits, so that no more than this piece's logits exist at once either.
+    return checkpoint(_plain_piece_loss, head, x, targets, mask, n_tokens, denom, use_reentrant=False)
+
+
+def _plain_piece_loss(head, x, targets, mask, n_tokens, denom):
+    return masked_lm_loss(head(x), targets, mask, n_tokens, denom)

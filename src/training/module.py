@@ -2,16 +2,17 @@
 import pytorch_lightning as pl
 import torch
 
-from .loss import masked_lm_loss
+from .loss import lm_loss
 
 
 class RWKVLightning(pl.LightningModule):
-    def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False):
+    def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False, chunk_ctx=0):
         super().__init__()
         self.model = model
         self.lr_init, self.betas, self.adam_eps = lr_init, betas, adam_eps
         self.weight_decay = weight_decay
         self.cpu_adam = cpu_adam      # DeepSpeed's CPU Adam, which optimizer offload requires
+        self.chunk_ctx = chunk_ctx    # > 0: run each sample this many tokens at a time (exact gradients)
         self.strict_loading = False   # resume points leave the frozen base out
 
     def on_save_checkpoint(self, checkpoint):
@@ -21,8 +22,7 @@ class RWKVLightning(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, targets, mask = batch
-        logits, _ = self.model(idx)
-        return masked_lm_loss(logits, targets, mask)
+        return lm_loss(self.model, idx, targets, mask, self.chunk_ctx)
 
     def configure_optimizers(self):
         # Weight decay pulls matrices (adapters start at zero: towards the base model); never

@@ -1,0 +1,123 @@
+"""Long documents at constant memory: the chunked pass (chunk_ctx) and the fused head + loss must
+give the plain full-sequence pass's loss and gradients: the reference is the model's logits
+materialised whole and masked_lm_loss on them.
+
+In float64 the two agree to rounding (1e-10 relative, every tensor): the method is exact. In fp32
+both are rounded, and the gradients that are sums over every token with much cancellation
+(time_decay, time_maa_*) differ by up to about 2e-5 relative in this tiny random model, where the
+plain fp32 pass is itself about 6e-6 off the float64 truth on them (and a plain fp32
+step-by-step WKV loop 6e-5): hence 1e-5 on the whole gradient and 3e-5 per tensor there."""
+import pytest
+import torch
+
+import src.ops.head_loss as head_loss_mod
+from src.bone import BoneConfig, apply_adapters
+from src.model import RWKV6
+from src.training.loss import lm_loss, masked_lm_loss
+from tests.tiny import SHAPES, randomize, random_state_dict
+
+T = 64
+
+
+def make_model(mode, train_parts=("time", "ln"), grad_cp=False, targets=None, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    sd = {k: v.to(dtype) for k, v in random_state_dict(SHAPES["small"], seed).items()}
+    model = RWKV6.from_state_dict(sd, grad_cp=grad_cp).train()
+    apply_adapters(model, BoneConfig(r=16, mode=mode, train_parts=list(train_parts), target_modules=targets,
+                                     lora_alpha=16.0 if mode == "lora" else None), verbose=False)
+    randomize(model, seed)
+    return model
+
+
+def batch(seed=0, masked_chunk=slice(16, 32), mask=True):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, 260, (2, T), generator=g)
+    targets = torch.randint(1, 260, (2, T), generator=g)
+    if not mask:
+        return idx, targets, None
+    m = (torch.rand(2, T, generator=g) < 0.7).float()
+    m[:, masked_chunk] = 0.0        # a chunk with nothing to learn, in every sample
+    return idx, targets, m
+
+
+def grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def plain(model, idx, targets, mask):
+    return masked_lm_loss(model(idx)[0], targets, mask)
+
+
+def assert_same(ref, got):
+    (loss_ref, g_ref), (loss_got, g_got) = ref, got
+    fp64 = loss_ref.dtype == torch.float64
+    assert torch.isfinite(loss_got)
+    assert loss_got.item() == pytest.approx(loss_ref.item(), rel=1e-12 if fp64 else 1e-6)
+    assert g_got.keys() == g_ref.keys()
+    whole = torch.cat([(g_got[n] - g_ref[n]).flatten() for n in g_ref]).norm() / torch.cat(
+        [g.flatten() for g in g_ref.values()]).norm()
+    assert whole <= (1e-10 if fp64 else 1e-5), f"relative error of the whole gradient {whole:.2e}"
+    for n in g_ref:
+        err = (g_got[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-30)
+        assert err <= (1e-10 if fp64 else 3e-5), f"{n}: relative gradient error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("grad_cp", [False, True])
+@pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+def test_chunked_pass_equals_the_full_pass(mode, grad_cp, dtype):
+    model = make_model(mode, grad_cp=grad_cp, dtype=dtype)
+    idx, targets, mask = batch()
+    ref = grads(model, lambda: plain(model, idx, targets, mask))
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)))
+    # ctx_len need not be a multiple of the chunk: 24 + 24 + 16
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=24)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["bone", "lora"])
+def test_fused_head_and_loss_equal_the_plain_ones(mode, dtype, monkeypatch):
+    monkeypatch.setattr(head_loss_mod, "BLOCK_ELEMENTS", 260 * 5)     # blocks of 5 tokens, the last one short
+    model = make_model(mode, train_parts=("time", "ln", "head"), dtype=dtype)
+    for mask in (True, False):
+        idx, targets, m = batch(seed=1, mask=mask)
+        ref = grads(model, lambda: plain(model, idx, targets, m))
+        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m)))
+        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m, chunk_ctx=16)))
+
+
+def test_trained_embedding_and_adapted_head_are_exact_too():
+    model = make_model("bone", train_parts=("emb",), targets=["att.key", "ffn.value", "head"], dtype=torch.float64)
+    idx, targets, mask = batch(seed=2)
+    ref = grads(model, lambda: plain(model, idx, targets, mask))
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask)))
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)))
+
+
+def test_a_fully_masked_sample_gives_zero_loss_not_nan():
+    model = make_model("bone")
+    idx, targets, _ = batch()
+    mask = torch.zeros(2, T)
+    loss, g = grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16))
+    ref_loss, ref_g = grads(model, lambda: plain(model, idx, targets, mask))
+    assert loss.item() == 0.0 == ref_loss.item()
+    for n in g:     # only L2Wrap's push remains, the same in both
+        assert torch.isfinite(g[n]).all()
+        torch.testing.assert_close(g[n], ref_g[n], rtol=1e-5, atol=1e-9)
+
+
+def test_under_bf16_autocast_it_is_as_accurate_as_the_plain_pass(monkeypatch):
+    monkeypatch.setattr(head_loss_mod, "BLOCK_ELEMENTS", 260 * 16)
+    model = make_model("bone")
+    idx, targets, mask = batch(seed=3)
+    truth = grads(model, lambda: plain(model, idx, targets, mask))      # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = grads(model, lambda: plain(model, idx, targets, mask))
+        got = grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16))
+    assert abs(got[0] - truth[0]) <= 2 * abs(ref[0] - truth[0]) + 1e-3
+    err = lambda g, n: ((g[n] - truth[1][n]).norm() / truth[1][n].norm()).item()  # noqa: E731
+    for n in truth[1]:
+        assert err(got[1], n) <= 2 * err(ref[1], n) + 1e-3, f"{n}: {err(got[1], n):.2e} vs plain bf16 {err(ref[1], n):.2e}"

@@ -63,7 +63,7 @@ class TimeMix(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa, wkv_state, op=op)
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), x[:, -1], wkv_state
+        return self.output(y * g), x[:, -1].clone(), wkv_state     # a copy: a view would keep all of x alive
 
 
 class ChannelMix(nn.Module):
@@ -80,7 +80,7 @@ class ChannelMix(nn.Module):
         xx = token_shift(x, shift)
         xk = x + xx * self.time_maa_k
         xr = x + xx * self.time_maa_r
-        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2), x[:, -1]
+        return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ import torch
 
 # Tokens per block: the block's logits (and their fp32 copy) stay near 2**25 elements (128 MB
 # in fp32) whatever the vocabulary.
-BLOCK_ELEMENTS = 1 << 25
+BLOCK_ELEMENTS = 1 << 23
 
 
 def _compute_dtype(x):

@@ -71,7 +71,9 @@ class _ChunkedWKV6(torch.autograd.Function):
         chunk_decay = c_last.to(f).exp().transpose(-1, -2)              # [B, H, C, N, 1]
         kv = (k * to_end).transpose(-1, -2) @ v                           # [B, H, C, N, N]
         states = _scan(kv, chunk_decay, s0.to(f), reverse=False)       # [B, H, C + 1, N, N]
-        starts, s = states[:, :, :-1], states[:, :, -1]
+        # The final state as a copy: a view would keep every chunk's state alive with it (a
+        # sample run in pieces holds each piece's final state until its backward pass).
+        starts, s = states[:, :, :-1], states[:, :, -1].clone()
 
         y = A @ v + b * v + (r * from_start) @ starts
         ctx.save_for_backward(r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts)

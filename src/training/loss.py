@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import trim_heap
 from ..model import Head
 
 
@@ -57,11 +58,22 @@ def lm_loss(model, idx, targets, mask=None, chunk_ctx=0):
         piece = slice(s, min(T, s + step))
         if step < T:
             x, state = checkpoint(model.hidden, idx[:, piece], state, use_reentrant=False)
+            if x.device.type == "cpu":
+                _trim_between_pieces(state)
         else:
             x, state = model.hidden(idx[:, piece], state)
         m = None if mask is None else mask[:, piece]
         loss = loss + _head_loss(model.head, x, targets[:, piece], m, n_tokens, denom, sink)
     return loss
+
+
+def _trim_between_pieces(state):
+    # glibc keeps the heap pages a piece's temporaries were freed into; handed back after each
+    # piece's forward pass and, through a hook on its state's gradient, after its backward pass,
+    # the process's resident memory stays that of one piece, as its live tensors do.
+    trim_heap()
+    if state[0][1].requires_grad:
+        state[0][1].register_hook(lambda grad: trim_heap())
 
 
 def _head_loss(head, x, targets, mask, n_tokens, denom, sink):

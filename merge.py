@@ -12,7 +12,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from src.bone import AdapterError  # noqa: E402
 from src.config import CheckpointError  # noqa: E402
-from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint  # noqa: E402
+from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint, quant_plan  # noqa: E402
+from src.quant import QUANT_TYPES, QuantError  # noqa: E402
 from src.verify import DEFAULT_PROMPT  # noqa: E402
 
 
@@ -29,10 +30,14 @@ def parse_args(argv=None):
                    help="refuse NaN/Inf in the adapter or the merged weights before anything is written (default on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the merge arithmetic runs (cuda: faster for big models; the file goes through CPU memory)")
+    p.add_argument("--quant", choices=QUANT_TYPES, default="none",
+                   help="none (default): merge into the base as stored; nf4, fp4 or int8: first round the base through "
+                        "that quantization (in fp32), to reproduce the base a train.py --quant run trained against")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
     p.add_argument("--verify", action="store_true",
                    help="afterwards, load the merged file in the rwkv runtime (cpu fp32) and compare its logits with "
-                        "base + adapter in this repository's model, then sample a short continuation")
+                        "base + adapter in this repository's model, run as trained (the base held quantized when the "
+                        "adapter records a --quant run), then sample a short continuation")
     p.add_argument("--verify_prompt", default=DEFAULT_PROMPT, help="the prompt --verify feeds and continues")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
@@ -44,11 +49,12 @@ def main(argv=None):
     try:
         report = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
                                   safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
-                                  progress=not args.quiet)
-    except (CheckpointError, AdapterError, MergeError) as e:
+                                  progress=not args.quiet, quant=args.quant)
+    except (CheckpointError, AdapterError, MergeError, QuantError) as e:
         sys.exit(f"merge.py: {e}")
     size = os.path.getsize(args.output)
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
+    print(quant_plan(args.adapter, args.quant)[1])
     dtype = "the base's dtype" if args.dtype == "same" else args.dtype
     print(format_report(report, dtype))
     if args.verify:

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     a("--lora_alpha", type=float, default=16.0, help="--peft lora: scaling is alpha / r")
     a("--target_modules", default=None, help="comma-separated; default all 8 projections")
     a("--train_parts", default="", help="comma-separated base parts that also train: time, ln, emb, head")
+    a("--quant", default="none", help="none | nf4 | fp4 | int8: hold the frozen base quantized (bitsandbytes), "
+                                      "dequantized per use; the adapters train in full precision on top")
     a("--seed", type=int, default=42, help="seed for the adapters' init and the data sampling")
     a("--max_steps", type=int, default=0, help="stop after this many steps in all (0: epoch_count * epoch_steps)")
     return p.parse_args(argv)
@@ -83,7 +85,7 @@ def run(args):
 
     from src.model import RWKV6
     from src.data import make_dataset
-    from src.training.callbacks import Checkpointer, LearningRateSchedule, TrainLog
+    from src.training.callbacks import Checkpointer, LearningRateSchedule, QuantizeBase, TrainLog
     from src.training.module import RWKVLightning
     from src.training.sampler import StepSampler
     from src.training.schedule import learning_rate
@@ -97,6 +99,7 @@ def run(args):
     if args.chunk_ctx < 0:
         raise ValueError(f"--chunk_ctx {args.chunk_ctx} is negative: give a chunk length in tokens, or 0 for off.")
     strategy = make_strategy(args.strategy, accelerator)
+    check_quant(args)
     pl.seed_everything(args.seed, workers=True)
 
     model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
@@ -120,7 +123,7 @@ def run(args):
                  args.epoch_steps),
         Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
                      args.keep_last),
-    ]
+    ] + ([QuantizeBase(args.quant)] if args.quant != "none" else [])
     trainer = pl.Trainer(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                          precision={"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[precision],
                          max_steps=total_steps, accumulate_grad_batches=args.accumulate_grad_batches,
@@ -179,6 +182,15 @@ def apply_peft(model, args, bone):
     if args.target_modules:
         config["target_modules"] = args.target_modules.split(",")
     bone.apply_adapters(model, bone.BoneConfig.from_dict(config))
+
+
+def check_quant(args):
+    from src.quant import bnb_functional, check_quant as known
+    if known(args.quant) != "none":
+        if args.peft == "none":
+            raise ValueError(f"--quant {args.quant} holds the frozen base quantized under adapters, but --peft none "
+                             "trains the base weights themselves: use --peft bone (or lora), or drop --quant.")
+        bnb_functional()    # bitsandbytes missing or too old: one sentence now, not after loading the model
 
 
 def resume_point(args):

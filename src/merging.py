@@ -5,6 +5,11 @@ path, NaN/Inf in the adapter); then the output is streamed tensor by tensor in t
 order (checkpoint.stream_checkpoint), each tensor computed in fp32 by the Bone module's
 merged_exact and cast once, so memory stays near one tensor plus the interpreter. The report
 says, per kind of module, how much of the fine-tuning survived that cast.
+
+With quant (merge.py --quant nf4|fp4|int8) the base tensors that a --quant run held quantized
+(the adapter's metadata lists them; for a file that does not, the adapted weights, as the older
+repository's merge does) are first rounded through that quantization, in fp32, so the update is
+added to exactly the base it was trained against.
 """
 import math
 import os
@@ -16,8 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .bone import AdapterError, merged_exact, plan_merge, train_part_of
+from .bone import AdapterError, merged_exact, plan_merge, read_adapter, train_part_of
 from .checkpoint import DTYPES, load_checkpoint, release_pages, stream_checkpoint, trim_heap
+from .quant import bnb_functional, check_quant, rounded
 
 OUTPUT_DTYPES = ("same",) + tuple(DTYPES)
 LOST_WARNING = 0.1      # warn when more than this fraction of an update is lost to the cast
@@ -133,11 +139,31 @@ def _device(name):
     return torch.device(name)
 
 
+def quant_plan(adapter, quant):
+    """(keys to round through `quant` before merging, one line for the user) for an adapter file
+    or state dict: the line says which merge this is and, when the adapter's metadata names
+    another quantization, that it differs."""
+    meta = read_adapter(adapter, mmap=True)[1]
+    trained = meta.get("quant")          # None: an older-repository file, which does not say
+    keys = (meta.get("quantized") or [f"{name}.weight" for name in meta["r"]]) if check_quant(quant) != "none" else []
+    if keys:
+        line = (f"merge: rounded {len(keys)} base tensors through {quant} first (dequantize(quantize(W)) with "
+                f"bitsandbytes' defaults, in fp32), then added the update")
+    else:
+        line = "merge: added the update to the base as stored (full precision)"
+    if trained is not None and trained != quant:
+        line += (f"; note: the adapter was trained on a base held {trained}" if trained != "none" else
+                 "; note: the adapter was trained on the base in full precision")
+        line += f" (merge with --quant {trained} to reproduce that base)"
+    return keys, line
+
+
 def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, device="cpu", overwrite=False,
-                     progress=True):
+                     progress=True, quant="none"):
     """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
     official-layout result to `output`, atomically. dtype: "same" (each tensor keeps the base's
-    dtype), "bf16", "fp16" or "fp32". Returns {kind: Survival} in base order. Raises
+    dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
+    base is rounded through first (see quant_plan). Returns {kind: Survival} in base order. Raises
     CheckpointError, AdapterError or MergeError (one sentence) before anything is written when an
     input is bad; a failure while writing leaves no output behind (nor changes an old one)."""
     if dtype not in OUTPUT_DTYPES:
@@ -145,6 +171,13 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
     dev = _device(device)
     base_sd, config = load_checkpoint(base, mmap=True)
     mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
+    round_keys = set(quant_plan(adapter, quant)[0])
+    if round_keys:
+        bnb_functional()       # refuses a missing or old bitsandbytes before anything is written
+        bad = sorted(k for k in round_keys if k not in base_sd or base_sd[k].dim() != 2 or k in plan and plan[k][0] != "merge")
+        if bad:
+            raise AdapterError(f"The adapter's metadata lists {bad[0]} as held quantized, but that is not a frozen "
+                               "matrix of the base: the file is inconsistent.")
     out_dtype = {k: v.dtype if dtype == "same" else DTYPES[dtype] for k, v in base_sd.items()}
     specs = OrderedDict((k, (tuple(v.shape), out_dtype[k])) for k, v in base_sd.items())
     nbytes = sum(math.prod(shape) * _itemsize(d) for shape, d in specs.values())
@@ -163,8 +196,10 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
     def produce(key):
         w = base_sd[key]
         change = plan.get(key)
+        if key in round_keys:
+            w = rounded(w.to(dev), quant)       # the base a --quant run trained against, fp32
         if change is None:
-            out = w.to(out_dtype[key])          # copied (or cast) on the CPU, whatever --device says
+            out = w.to("cpu", out_dtype[key])   # copied (or cast) on the CPU, whatever --device says
         else:
             wd = w.to(dev)
             exact = merged_exact(wd, change[1], mode, change[2]) if change[0] == "merge" \
@@ -236,4 +271,5 @@ def format_report(report, dtype):
     return "\n".join(lines + warnings)
 
 
-__all__ = ["MergeError", "Survival", "merge_checkpoint", "format_report", "kind_of", "check_output", "AdapterError"]
+__all__ = ["MergeError", "Survival", "merge_checkpoint", "quant_plan", "format_report", "kind_of", "check_output",
+           "AdapterError"]

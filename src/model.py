@@ -147,7 +147,7 @@ class RWKV6(nn.Module):
 
     def empty_state(self, batch_size):
         """Per layer: (att token shift [B, C], WKV state [B, H, N, N] fp32, ffn token shift [B, C])."""
-        cfg, p = self.config, self.emb.weight
+        cfg, p = self.config, self.ln_out.weight     # not emb.weight: src/quant.py may hold emb quantized
         shift = lambda: torch.zeros(batch_size, cfg.n_embd, dtype=p.dtype, device=p.device)  # noqa: E731
         wkv = lambda: torch.zeros(batch_size, cfg.n_head, cfg.head_size, cfg.head_size, device=p.device)  # noqa: E731
         return [(shift(), wkv(), shift()) for _ in range(cfg.n_layer)]

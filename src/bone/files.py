@@ -5,7 +5,9 @@ A file is a flat dict of tensors loadable with ``torch.load(weights_only=True)``
 ``blocks.3.att.key.bone`` (both bone and bat modes), ``blocks.3.att.key.lora_A`` / ``.lora_B``,
 the train-part tensors under their official names (``blocks.3.att.time_decay``, ``emb.weight``...),
 and under the reserved key ``__bone_meta__`` a dict of plain Python values: format, version,
-mode, r per module, target list, train parts, lora_alpha, and the base model's shape fingerprint.
+mode, r per module, target list, train parts, lora_alpha, the base model's shape fingerprint, and
+the quantization the base was held in while training (quant: none, nf4, fp4 or int8, and the
+weight keys held so under quantized; files without it read as none).
 """
 import os
 from collections import OrderedDict
@@ -41,11 +43,13 @@ def adapter_state_dict(model):
     for n, p in model.named_parameters():      # model order: official order, adapters beside their weights
         if n in adapter_keys or train_part_of(n) in state.train_parts:
             sd[n] = _detached(p)
+    quant = getattr(model, "_base_quant", None) or {"type": "none", "keys": []}   # set by src/quant.py
     sd[META_KEY] = {
         "format": FILE_FORMAT, "version": FILE_VERSION, "mode": state.mode,
         "r": {name: layer.r for name, layer in layers.items()},
         "targets": list(layers), "train_parts": list(state.train_parts),
         "lora_alpha": state.lora_alpha, "fingerprint": _fingerprint(model),
+        "quant": quant["type"], "quantized": list(quant["keys"]),
     }
     return sd
 
@@ -57,13 +61,14 @@ def save_adapter(model, path):
 
 def _read_meta(meta, source):
     ok = (isinstance(meta, dict) and meta.get("format") == FILE_FORMAT and isinstance(meta.get("version"), int)
-          and meta.get("mode") in MODES and isinstance(meta.get("r"), dict) and isinstance(meta.get("train_parts"), list))
+          and meta.get("mode") in MODES and isinstance(meta.get("r"), dict) and isinstance(meta.get("train_parts"), list)
+          and isinstance(meta.get("quant", "none"), str) and isinstance(meta.get("quantized", []), list))
     if not ok:
         raise AdapterError(f"{source} has a {META_KEY} entry that is not this project's adapter metadata.")
     if meta["version"] > FILE_VERSION:
         raise AdapterError(f"{source} is adapter format version {meta['version']}; this code reads up to "
                            f"{FILE_VERSION}: update it.")
-    return meta
+    return {"quant": "none", "quantized": [], **meta}     # written before quantization existed: none
 
 
 def _legacy_meta(sd, source):
@@ -81,7 +86,8 @@ def _legacy_meta(sd, source):
         raise AdapterError(f"{source} has no {META_KEY} entry and no consistent .bone tensors: it is not an adapter file.")
     parts = sorted({train_part_of(k) for k in sd if train_part_of(k)}, key=TRAIN_PARTS.index)
     meta = {"format": FILE_FORMAT, "version": 0, "mode": modes.pop(), "r": dict(ranks), "targets": list(ranks),
-            "train_parts": parts, "lora_alpha": None, "fingerprint": None}
+            "train_parts": parts, "lora_alpha": None, "fingerprint": None,
+            "quant": None, "quantized": []}      # the older repository does not record its --quant
     return sd, meta
 
 

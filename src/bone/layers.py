@@ -4,9 +4,13 @@ official) with adapter tensors beside it, computing through .functional.
 Dtypes: adapter parameters are stored in the base weight's dtype when that is fp32 or fp64, and
 in fp32 otherwise (bf16/fp16 bases), so small updates are not rounded away. In the forward pass
 they are cast to the activations' dtype (as autocast does; under torch.autocast, to its dtype).
+
+A base held quantized (src/quant.py) replaces `weight` by `quantized`, which the layer
+dequantizes per forward pass; the adapter math is the same.
 """
 import math
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -19,6 +23,13 @@ TENSOR_NAMES = {"bone": ("bone",), "bat": ("bone",), "lora": ("lora_A", "lora_B"
 
 def _adapter_dtype(weight):
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def compute_dtype(x):
+    """The dtype a layer computes in under torch.autocast, or None outside it."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
 
 
 class AdapterLinear(nn.Module):
@@ -42,18 +53,25 @@ class AdapterLinear(nn.Module):
         shape = adapter_shapes(self.mode, self.r, self.out_features, self.in_features)[tensor_name]
         return nn.Parameter(torch.zeros(shape, dtype=_adapter_dtype(self.weight), device=self.weight.device))
 
-    def _compute_dtype(self, x):
-        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return None
+    def base_weight(self):
+        """W: the frozen weight, or, when the base is held quantized, W dequantized in the dtype
+        it was held in (a new tensor)."""
+        quantized = getattr(self, "quantized", None)
+        return self.weight if quantized is None else quantized.dequantize()
+
+    def _weight_for(self, dtype):
+        # A quantized base is dequantized straight into the compute dtype, for this pass only.
+        quantized = getattr(self, "quantized", None)
+        return nullcontext(self.weight) if quantized is None else quantized.dequantized(dtype)
 
     def forward(self, x):
-        dtype = self._compute_dtype(x)
-        if dtype is None:
-            return self._forward(x, self.weight, self.bias, x.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            bias = None if self.bias is None else self.bias.to(dtype)
-            return self._forward(x.to(dtype), self.weight.to(dtype), bias, dtype)
+        dtype = compute_dtype(x)
+        with self._weight_for(dtype or x.dtype) as weight:
+            if dtype is None:
+                return self._forward(x, weight, self.bias, x.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if self.bias is None else self.bias.to(dtype)
+                return self._forward(x.to(dtype), weight.to(dtype), bias, dtype)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, r={self.r}"
@@ -73,7 +91,7 @@ class BoneLinear(AdapterLinear):
         return self._linear(x, weight, self.bone.to(dtype), bias)
 
     def merged_weight(self):
-        return merge_weight(self.weight, self.bone, self.mode)
+        return merge_weight(self.base_weight(), self.bone, self.mode)
 
 
 class BatLinear(BoneLinear):
@@ -108,7 +126,7 @@ class LoraLinear(AdapterLinear):
         return lora_linear(x, weight, self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling, bias)
 
     def merged_weight(self):
-        return merge_weight(self.weight, (self.lora_A, self.lora_B), "lora", self.scaling)
+        return merge_weight(self.base_weight(), (self.lora_A, self.lora_B), "lora", self.scaling)
 
     def extra_repr(self):
         return super().extra_repr() + f", scaling={self.scaling:g}"

@@ -132,7 +132,7 @@ def merge_and_unload(model, safe_merge=True):
                     raise AdapterError(f"{name}.{t} holds NaN or Inf: nothing was merged.")
         for name, layer in layers.items():
             if not torch.isfinite(layer.merged_weight()).all():
-                raise AdapterError(f"Merging {name} overflows its {layer.weight.dtype} weight to Inf: nothing was merged.")
+                raise AdapterError(f"Merging {name} overflows its {layer.base_weight().dtype} weight to Inf: nothing was merged.")
     replacements = OrderedDict()
     for name, layer in layers.items():
         merged = layer.merged_weight()
@@ -145,6 +145,6 @@ def unload(model):
     """Remove every adapter without merging: the plain base model again (requires_grad flags as
     they were before apply_adapters)."""
     state = _state(model)
-    replacements = OrderedDict((name, _plain_linear(layer, layer.weight, state.requires_grad.get(f"{name}.weight", True)))
+    replacements = OrderedDict((name, _plain_linear(layer, layer.base_weight(), state.requires_grad.get(f"{name}.weight", True)))
                                for name, layer in adapter_layers(model).items())
     return _restore(model, replacements, state)

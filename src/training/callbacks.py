@@ -1,5 +1,5 @@
 """Callbacks: the learning rate per step, what the user sees and keeps (progress bar, CSV log,
-loss plot), adapter checkpoints and the resume point."""
+loss plot), adapter checkpoints and the resume point, and the quantized base."""
 import contextlib
 import csv
 import glob
@@ -20,6 +20,19 @@ LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s")
 def optimizer_stepped(trainer, batch_idx):
     """True in on_train_batch_end when this micro-batch completed an optimizer step."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+
+
+class QuantizeBase(pl.Callback):
+    """train.py --quant: hold the frozen base quantized (src/quant.py), made on each process's own
+    device once the strategy knows it and before the model is moved there, so no accelerator
+    ever holds the base in full precision."""
+
+    def __init__(self, quant):
+        self.quant = quant
+
+    def setup(self, trainer, pl_module, stage):
+        from ..quant import quantize_model
+        quantize_model(pl_module.model, self.quant, device=trainer.strategy.root_device)
 
 
 class LearningRateSchedule(pl.Callback):

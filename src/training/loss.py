@@ -5,6 +5,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import trim_heap
 from ..model import Head
+from ..ops import head_loss as head_loss_mod
 
 
 class L2Wrap(torch.autograd.Function):
@@ -79,9 +80,16 @@ def _trim_between_pieces(state):
 def _head_loss(head, x, targets, mask, n_tokens, denom, sink):
     if isinstance(head, Head):
         return head(x, targets, mask=mask, n_tokens=n_tokens, denom=denom, sink=sink)
-    # An adapted head (an adapter layer, not the plain Head): the plain loss on recomputed
-    # logits, so that no more than this piece's logits exist at once either.
-    return checkpoint(_plain_piece_loss, head, x, targets, mask, n_tokens, denom, use_reentrant=False)
+    # Another head (an adapter layer, or one held quantized): the plain loss, a block of tokens
+    # at a time, each block's logits recomputed in the backward pass, so that no more than one
+    # block's logits exist at once either.
+    block = max(1, head_loss_mod.BLOCK_ELEMENTS // head.out_features)
+    total = 0.0
+    for s in range(0, x.shape[1], block):
+        b = slice(s, s + block)
+        total = total + checkpoint(_plain_piece_loss, head, x[:, b], targets[:, b], None if mask is None else mask[:, b],
+                                   n_tokens, denom, use_reentrant=False)
+    return total
 
 
 def _plain_piece_loss(head, x, targets, mask, n_tokens, denom):

@@ -45,6 +45,7 @@ python train.py \
     --bone_mode "${BONE_MODE:-bone}" \
     --train_parts "${TRAIN_PARTS:-}" \
     --grad_cp "${GRAD_CP:-0}" \
+    --chunk_ctx "${CHUNK_CTX:-0}" \
     --accelerator "${ACCELERATOR:-auto}" \
     --devices "${DEVICES:-1}" \
     --num_nodes "${NUM_NODES:-1}" \

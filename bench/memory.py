@@ -1,4 +1,5 @@
-"""Memory and speed of one training step (fwd+bwd, Bone r=64) as the sample grows.
+"""Memory and speed of one training step (fwd+bwd, Bone r=64): as the sample grows, and with the
+frozen base held quantized (--quant).
 
 Each configuration runs in a fresh process on a random model (default 6 layers, 512 wide, World
 vocabulary, fp32 on the CPU, bf16 autocast on a GPU), one sample of ctx tokens:
@@ -8,11 +9,19 @@ vocabulary, fp32 on the CPU, bf16 autocast on a GPU), one sample of ctx tokens:
   grad_cp  fused, and every block recomputed in the backward pass (train.py --grad_cp 1)
   chunked  fused, and the sample run --chunk tokens at a time (train.py --chunk_ctx N)
 
-Peak memory: the process's peak resident set on the CPU (ru_maxrss), torch.cuda.max_memory_allocated
-on a GPU; "extra" is the peak minus what the model alone holds. Time: the best of --repeat steps after
-one warm-up step. The ratios against the goals are the last lines.
+With --quant nf4,int8 it compares instead a bf16 base with the same base held quantized as
+train.py --quant holds it (src/quant.py), at the RWKV-6 0.4B shape (24 layers, 1024 wide) unless
+--layers/--width say otherwise, fused head + loss, one sample of --ctx tokens (default 256):
+"weights" are the bytes of the tensors the model holds (the frozen base; the adapters apart).
+
+Peak memory: the process's peak resident set during the steps on the CPU (VmHWM, reset after the
+model is built; the whole process's ru_maxrss where that reset is not allowed),
+torch.cuda.max_memory_allocated on a GPU; "extra" is the peak minus what the process held before
+the first step. Time: the best of --repeat steps after one warm-up step. The ratios against the
+goals are the last lines.
 
     python bench/memory.py [--ctx 512,2048,8192] [--chunk 512] [--layers 6 --width 512] [--repeat 2]
+    python bench/memory.py --quant nf4,int8 [--ctx 256] [--layers 24 --width 1024]
 """
 import argparse
 import json
@@ -33,11 +42,33 @@ def rss_now():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss():
+    """Start the kernel's peak-RSS counter (VmHWM) again from now; False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(reset):
+    if not reset:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def storage_bytes(tensors):
+    """Bytes of the storages behind `tensors`, each storage counted once."""
+    return sum({(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def one_config(args):
     """Runs in the child: build, step, print one JSON line."""
     import torch
-    from src.bone import BoneConfig, apply_adapters
-    from src.checkpoint import default_dim_ffn, x060_state_dict
+    from src.bone import BoneConfig, adapter_layers, apply_adapters
+    from src.checkpoint import default_dim_ffn, trim_heap, x060_state_dict
     from src.config import RWKV6Config
     from src.model import RWKV6
     from src.training.loss import lm_loss, masked_lm_loss
@@ -47,11 +78,20 @@ def one_config(args):
     cfg = RWKV6Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers, dim_att=args.width,
                       dim_ffn=default_dim_ffn(args.width), head_size=64)
     model = RWKV6.from_state_dict(x060_state_dict(cfg), grad_cp=args.config == "grad_cp").to(device).train()
+    if args.base != "fp32":
+        model = model.to(torch.bfloat16)    # the base as train.py holds it under DeepSpeed's bf16
     apply_adapters(model, BoneConfig(r=64), verbose=False)
+    if args.base not in ("fp32", "bf16"):
+        from src.quant import quantize_model
+        quantize_model(model, args.base)
+    trim_heap()
+    adapters = [p for layer in adapter_layers(model).values() for p in layer.adapter_tensors().values()]
+    held = [t for t in list(model.parameters()) + list(model.buffers()) if all(t is not p for p in adapters)]
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(1, args.vocab, (1, args.ctx), generator=g).to(device) for _ in range(2))
     chunk = args.chunk if args.config == "chunked" else 0
     base = torch.cuda.memory_allocated() if gpu else rss_now()
+    reset = not gpu and reset_peak_rss()
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
@@ -70,45 +110,37 @@ def one_config(args):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"config": args.config, "ctx": args.ctx, "peak": peak, "base": base, "seconds": min(times),
+    peak = torch.cuda.max_memory_allocated() if gpu else peak_rss(reset)
+    print(json.dumps({"config": args.config, "base_weights": args.base, "ctx": args.ctx, "peak": peak, "base": base,
+                      "weights": storage_bytes(held), "adapters": storage_bytes(adapters), "seconds": min(times),
                       "device": torch.cuda.get_device_name() if gpu else "cpu"}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ctx", default=None, help="comma-separated sample lengths (default 512,2048,8192; "
-                                               "and 32768 on a GPU)")
-    p.add_argument("--chunk", type=int, default=512, help="the chunked configuration's --chunk_ctx")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--vocab", type=int, default=65536)
-    p.add_argument("--repeat", type=int, default=2, help="timed steps per configuration (the best is kept)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="which of " + ", ".join(CONFIGS))
-    p.add_argument("--json", default=None, help="also write the rows to this file")
-    p.add_argument("--config", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.config:
-        args.ctx = int(args.ctx)
-        return one_config(args)
+def run_child(args, config, ctx, base="fp32"):
+    """One configuration in a fresh process: its row, or None (said) when it failed."""
+    cmd = [sys.executable, __file__, "--config", config, "--base", base, "--ctx", str(ctx), "--chunk", str(args.chunk),
+           "--layers", str(args.layers), "--width", str(args.width), "--vocab", str(args.vocab),
+           "--repeat", str(args.repeat)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        print(f"{base} {config} at ctx {ctx}: failed ({out.stderr.strip().splitlines()[-1:]})", flush=True)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    import torch
-    gpu = torch.cuda.is_available()
-    ctxs = [int(c) for c in (args.ctx or ("512,2048,8192,32768" if gpu else "512,2048,8192")).split(",")]
+
+def gib(n):
+    return f"{n / 2**30:6.2f} GiB"
+
+
+def ctx_table(args, ctxs):
     rows = {}
     for ctx in ctxs:
         for config in args.configs.split(","):
-            cmd = [sys.executable, __file__, "--config", config, "--ctx", str(ctx), "--chunk", str(args.chunk),
-                   "--layers", str(args.layers), "--width", str(args.width), "--vocab", str(args.vocab),
-                   "--repeat", str(args.repeat)]
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if out.returncode:
-                print(f"{config} at ctx {ctx}: failed ({out.stderr.strip().splitlines()[-1:]})", flush=True)
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows[config, ctx] = row
-            print(f"{config:>8} ctx {ctx:>6}: peak {row['peak'] / 2**30:6.2f} GiB (model {row['base'] / 2**30:.2f}, "
-                  f"extra {(row['peak'] - row['base']) / 2**30:6.2f}), {ctx / row['seconds']:8.0f} tokens/s", flush=True)
+            row = rows[config, ctx] = run_child(args, config, ctx)
+            if row:
+                print(f"{config:>8} ctx {ctx:>6}: peak {gib(row['peak'])} (before the step {gib(row['base'])}, "
+                      f"extra {gib(row['peak'] - row['base'])}), {ctx / row['seconds']:8.0f} tokens/s", flush=True)
+    rows = {k: r for k, r in rows.items() if r}
     device = next(iter(rows.values()))["device"] if rows else "?"
     print(f"\nL={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample, {device}; "
           f"best of {args.repeat} timed steps each; the ratios:")
@@ -121,9 +153,65 @@ def main():
         print(f"ctx {ctx}: fused extra memory / plain: {ratio(('fused', ctx), ('plain', ctx), extra):.2f}x (goal <= 0.5x at 2048); "
               f"fused time / plain: {ratio(('fused', ctx), ('plain', ctx), secs):.2f}x (goal <= 1.0x); "
               f"chunked time / grad_cp: {ratio(('chunked', ctx), ('grad_cp', ctx), secs):.2f}x (goal <= 1.1x)")
+    return list(rows.values())
+
+
+def quant_table(args, quants):
+    rows = {}
+    for base in ["bf16"] + quants:
+        row = rows[base] = run_child(args, "fused", args.ctx, base)
+        if row:
+            print(f"{base:>5}: weights {gib(row['weights'])} (+ adapters {gib(row['adapters'])}), "
+                  f"step peak {gib(row['peak'])} (before the step {gib(row['base'])}), "
+                  f"{args.ctx / row['seconds']:6.0f} tokens/s", flush=True)
+    rows = {k: r for k, r in rows.items() if r}
+    device = next(iter(rows.values()))["device"] if rows else "?"
+    print(f"\nL={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample of {args.ctx} tokens, {device}; "
+          f"best of {args.repeat} timed steps each; the ratios:")
+    for base in quants:
+        if base in rows and "bf16" in rows:
+            q, b = rows[base], rows["bf16"]
+            print(f"{base} / bf16: resident base weights {q['weights'] / b['weights']:.3f}x (goal <= 0.35x for nf4), "
+                  f"step peak {q['peak'] / b['peak']:.3f}x, time {q['seconds'] / b['seconds']:.2f}x")
+    return list(rows.values())
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ctx", default=None, help="comma-separated sample lengths (default 512,2048,8192; "
+                                               "and 32768 on a GPU; with --quant one length, default 256)")
+    p.add_argument("--chunk", type=int, default=512, help="the chunked configuration's --chunk_ctx")
+    p.add_argument("--layers", type=int, default=None, help="default 6 (24 with --quant)")
+    p.add_argument("--width", type=int, default=None, help="default 512 (1024 with --quant)")
+    p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--repeat", type=int, default=2, help="timed steps per configuration (the best is kept)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="which of " + ", ".join(CONFIGS))
+    p.add_argument("--quant", default=None, help="compare a bf16 base with it held quantized: comma-separated "
+                                                 "from nf4, fp4, int8")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    quants = args.quant.split(",") if args.quant else []
+    bad = [q for q in quants if q not in ("nf4", "fp4", "int8")]
+    if bad:
+        p.error(f"--quant {bad[0]!r} is not a quantization this bench knows: choose from nf4, fp4, int8.")
+    args.layers = args.layers or (24 if quants else 6)
+    args.width = args.width or (1024 if quants else 512)
+    if args.config:
+        args.ctx = int(args.ctx)
+        return one_config(args)
+
+    import torch
+    gpu = torch.cuda.is_available()
+    if quants:
+        args.ctx = int(args.ctx or 256)
+        rows = quant_table(args, quants)
+    else:
+        rows = ctx_table(args, [int(c) for c in (args.ctx or ("512,2048,8192,32768" if gpu else "512,2048,8192")).split(",")])
     if args.json:
         from src.checkpoint import atomic_write
-        atomic_write(args.json, lambda f: f.write(json.dumps(list(rows.values()), indent=1).encode()))
+        atomic_write(args.json, lambda f: f.write(json.dumps(rows, indent=1).encode()))
 
 
 if __name__ == "__main__":

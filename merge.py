@@ -23,9 +23,10 @@ def parse_args(argv=None):
     p.add_argument("--adapter", "--lora_checkpoint", dest="adapter", required=True,
                    help="the adapter file train.py wrote (adapter-STEP.pth); --lora_checkpoint is the older name")
     p.add_argument("--output", required=True, help="where to write the merged .pth (never the base itself)")
-    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="same",
-                   help="dtype of the merged file: same (as the base, default), bf16, fp16 or fp32; "
-                        "the merge is computed in fp32 either way and cast once")
+    p.add_argument("--dtype", choices=OUTPUT_DTYPES, default="auto",
+                   help="dtype of the merged file: auto (default: the narrowest of bf16, fp16, fp32 that keeps at least "
+                        "90%% of the update of every kind of module and holds every value), same (as the base), bf16, "
+                        "fp16 or fp32; the merge is computed in fp32 either way and cast once")
     p.add_argument("--safe_merge", action=argparse.BooleanOptionalAction, default=True,
                    help="refuse NaN/Inf in the adapter or the merged weights before anything is written (default on)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -38,7 +39,8 @@ def parse_args(argv=None):
                    help="afterwards, load the merged file in the rwkv runtime (cpu fp32) and compare its logits with "
                         "base + adapter in this repository's model, run as trained (the base held quantized when the "
                         "adapter records a --quant run), then sample a short continuation")
-    p.add_argument("--verify_prompt", default=DEFAULT_PROMPT, help="the prompt --verify feeds and continues")
+    p.add_argument("--verify_prompt", default=DEFAULT_PROMPT, help=f"the prompt --verify feeds and continues "
+                                                                   f"(default: {DEFAULT_PROMPT!r})")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p.parse_args(argv)
 
@@ -47,7 +49,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     try:
-        report = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
+        report, dtype, why = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
                                   safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
                                   progress=not args.quiet, quant=args.quant)
     except (CheckpointError, AdapterError, MergeError, QuantError) as e:
@@ -55,11 +57,14 @@ def main(argv=None):
     size = os.path.getsize(args.output)
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
     print(quant_plan(args.adapter, args.quant)[1])
-    dtype = "the base's dtype" if args.dtype == "same" else args.dtype
+    if why:
+        print(f"merge: wrote {dtype} ({why}; --dtype chooses another)")
+    dtype = "the base's dtype" if dtype == "same" else dtype
     print(format_report(report, dtype))
     if args.verify:
         from src.verify import verify_merged
-        verify_merged(args.base_model, args.adapter, args.output, prompt=args.verify_prompt)
+        if not verify_merged(args.base_model, args.adapter, args.output, prompt=args.verify_prompt)[2]:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

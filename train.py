@@ -11,8 +11,12 @@ import os
 import sys
 
 
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the example's layout and shows every default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 .pth (official layout); all sizes are read off it")
     a("--proj_dir", default="out", help="where adapters, the resume point, log.csv and loss.png go")
@@ -32,8 +36,11 @@ def parse_args(argv=None):
     a("--epoch_begin", type=int, default=0, help="start at this epoch (the lr schedule and data continue from there)")
     a("--epoch_save", type=int, default=1, help="save an adapter every N epochs (0: only at the end and every --save_every_steps)")
     a("--save_every_steps", type=int, default=0, help="also save an adapter and the resume point every N steps (0: off)")
-    a("--keep_last", type=int, default=3, help="how many adapter files to keep")
+    a("--keep_last", type=int, default=3, help="how many adapter files to keep (0: keep every one)")
+    a("--save_every_minutes", type=float, default=30, help="also save the resume point every N minutes (0: off)")
     a("--resume", action="store_true", help="continue the run in --proj_dir from its resume point")
+    a("--overwrite", action="store_true", help="start anew in a --proj_dir that holds an earlier run, deleting "
+                                               "its adapters, log and resume point first")
     a("--lr_init", type=float, default=2e-5, help="learning rate after warmup")
     a("--lr_final", type=float, default=2e-5, help="learning rate at the end")
     a("--lr_schedule", default="cosine", help="constant | exponential | cosine (decay from lr_init to lr_final)")
@@ -70,9 +77,42 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         run(args)
     except (ValueError, FileNotFoundError) as e:  # our errors are one sentence: no traceback for the user
         sys.exit(f"train.py: {e}")
+    except (OSError, RuntimeError) as e:
+        from src.training.callbacks import disk_full
+        if not disk_full(e, args.proj_dir):
+            raise
+        sys.exit(f"train.py: the disk is full ({e.filename or args.proj_dir}): free some space, then run the same "
+                 "command with --resume to continue from the last complete resume point.")
+
+
+def check_args(args):
+    """Every check that needs no model, before anything is loaded: one sentence each."""
+    for flag, value, least in (("--devices", args.devices, 1), ("--num_nodes", args.num_nodes, 1),
+                               ("--micro_bsz", args.micro_bsz, 1), ("--ctx_len", args.ctx_len, 2),
+                               ("--accumulate_grad_batches", args.accumulate_grad_batches, 1),
+                               ("--epoch_steps", args.epoch_steps, 1), ("--epoch_count", args.epoch_count, 1),
+                               ("--keep_last", args.keep_last, 0), ("--epoch_save", args.epoch_save, 0),
+                               ("--save_every_steps", args.save_every_steps, 0), ("--max_steps", args.max_steps, 0),
+                               ("--epoch_begin", args.epoch_begin, 0), ("--warmup_steps", args.warmup_steps, 0),
+                               ("--chunk_ctx", args.chunk_ctx, 0), ("--save_every_minutes", args.save_every_minutes, 0)):
+        if value < least:
+            raise ValueError(f"{flag} {value} is too small: it must be at least {least}.")
+    for flag, value in (("--lr_init", args.lr_init), ("--lr_final", args.lr_final), ("--adam_eps", args.adam_eps)):
+        if not value > 0:
+            raise ValueError(f"{flag} {value} must be a positive number (for example {flag} 2e-5).")
+    if not os.path.isfile(args.load_model):
+        raise FileNotFoundError(f"--load_model {args.load_model} does not exist or is not a file.")
+    if args.data_file.endswith(".jsonl") and args.data_type == "binidx":
+        raise ValueError(f"--data_file {args.data_file} is a .jsonl file, but --data_type is binidx: add --data_type "
+                         "jsonl (or sft), or make binidx with scripts/make_binidx.py.")
+    if args.bone_r is not None and args.bone_r < 1 or args.lora_r < 1:
+        raise ValueError("--bone_r and --lora_r must be at least 1.")
+    from src.training.rundir import check_writable
+    check_writable(args.proj_dir)
 
 
 def run(args):
@@ -83,9 +123,13 @@ def run(args):
     import pytorch_lightning as pl
     import torch
 
+    from src.training import noise
+    noise.silence()
+
     from src.model import RWKV6
     from src.data import make_dataset
     from src.training.callbacks import Checkpointer, LearningRateSchedule, QuantizeBase, TrainLog
+    from src.training.rundir import run_adapters
     from src.training.module import RWKVLightning
     from src.training.sampler import StepSampler
     from src.training.schedule import learning_rate
@@ -100,34 +144,48 @@ def run(args):
         raise ValueError(f"--chunk_ctx {args.chunk_ctx} is negative: give a chunk length in tokens, or 0 for off.")
     strategy = make_strategy(args.strategy, accelerator)
     check_quant(args)
+    if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
+        flag = "--op cuda" if args.op == "cuda" else "--accelerator gpu"
+        raise ValueError(f"{flag} needs a CUDA GPU, but PyTorch sees none here: use --op cpu --accelerator cpu "
+                         "(or auto).")
+    total_steps = args.max_steps or args.epoch_count * args.epoch_steps
+    run_dir = open_run_dir(args)
+    resume = resume_point(args) if args.resume else None
     pl.seed_everything(args.seed, workers=True)
 
     model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
                                   op=args.op, grad_cp=bool(args.grad_cp))
     check_sizes(args, model.config)
     apply_peft(model, args, bone)
+    if run_dir is not None:
+        print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
+              f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
+              f"tokens into {args.proj_dir}", flush=True)
+        check_run(run_dir, args, settings(model, args, bone), total_steps)
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
                            response_field=args.response_field)
 
     step_offset = args.epoch_begin * args.epoch_steps
-    total_steps = args.max_steps or args.epoch_count * args.epoch_steps
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
                            weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"),
                            chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
     world = args.devices * args.num_nodes
     schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
+    log = TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
+                   args.epoch_steps, total_steps, args.epoch_begin)
+    saver = Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
+                         args.keep_last, args.save_every_minutes,
+                         on_saved=(lambda step: run_dir.record(resume_step=step)) if run_dir else None)
     callbacks = [
         schedule,
-        TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
-                 args.epoch_steps),
-        Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
-                     args.keep_last),
+        log,
+        saver,
     ] + ([QuantizeBase(args.quant)] if args.quant != "none" else [])
     trainer = pl.Trainer(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                          precision={"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[precision],
                          max_steps=total_steps, accumulate_grad_batches=args.accumulate_grad_batches,
-                         callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          use_distributed_sampler=False, log_every_n_steps=1, num_sanity_val_steps=0)
 
     def train_dataloader():
@@ -139,8 +197,12 @@ def run(args):
         return torch.utils.data.DataLoader(dataset, batch_size=args.micro_bsz, sampler=sampler, num_workers=0)
 
     module.train_dataloader = train_dataloader
-    resume = resume_point(args) if args.resume else None
     trainer.fit(module, ckpt_path=resume)
+    if trainer.is_global_zero and log.rows:
+        last = saver.last_adapter or (run_adapters(args.proj_dir) or ["(none kept)"])[-1]
+        print(f"done: {log.rows[-1]['step']} steps, final loss {float(log.rows[-1]['loss']):.4g}; last adapter {last}\n"
+              f"merge it with: python merge.py --base_model {args.load_model} --adapter {last} "
+              f"--output {last[:-len('.pth')]}-merged.pth", flush=True)
 
 
 def resolve_accelerator(name):
@@ -191,6 +253,53 @@ def check_quant(args):
             raise ValueError(f"--quant {args.quant} holds the frozen base quantized under adapters, but --peft none "
                              "trains the base weights themselves: use --peft bone (or lora), or drop --quant.")
         bnb_functional()    # bitsandbytes missing or too old: one sentence now, not after loading the model
+
+
+def open_run_dir(args):
+    """The first process locks --proj_dir for the run and prepares it (src/training/rundir.py);
+    the processes Lightning starts for the other devices find it ready."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return None
+    import atexit
+    from src.training.rundir import RunDir
+    run_dir = RunDir(args.proj_dir)
+    run_dir.lock()
+    atexit.register(run_dir.unlock)
+    run_dir.prepare(args.resume, args.overwrite)
+    return run_dir
+
+
+def describe(model, args, bone):
+    meta = bone.adapter_meta(model)
+    kinds = sorted({".".join(name.split(".")[2:]) for name in meta["targets"]})
+    rs = sorted(set(meta["r"].values()))
+    what = f"{meta['mode']} r={'/'.join(map(str, rs))} on {', '.join(kinds)}" if kinds else "no adapter"
+    parts = f", training {', '.join(meta['train_parts'])}" if meta["train_parts"] else ""
+    return what + parts + (f", base held {args.quant}" if args.quant != "none" else "")
+
+
+def settings(model, args, bone):
+    """What the run's adapters depend on, as run.json records it for --resume to compare."""
+    meta = bone.adapter_meta(model)
+    return {"base model": f"{os.path.basename(args.load_model)} ({os.path.getsize(args.load_model):,} bytes)",
+            "adapter mode": meta["mode"], "r": meta["r"], "targets": meta["targets"],
+            "train parts": meta["train_parts"], "lora_alpha": meta["lora_alpha"], "quant": args.quant}
+
+
+def check_run(run_dir, args, now, total_steps):
+    """--resume: the run's recorded settings must be this command's, and it must have steps left."""
+    from src.training.rundir import differences
+    recorded = run_dir.recorded() or {}
+    if args.resume and "settings" in recorded:
+        diff = differences(recorded["settings"], now)
+        if diff:
+            raise ValueError(f"--resume: the run in {args.proj_dir} was started with other settings ({'; '.join(diff)}): "
+                             "resume with the run's own settings, or start a new run in another --proj_dir.")
+        done = recorded.get("resume_step", 0)
+        if done >= total_steps:
+            raise ValueError(f"--resume: the run in {args.proj_dir} already finished at step {done}: to train further, "
+                             f"raise --epoch_count or --max_steps beyond {done}.")
+    run_dir.record(settings=now, total_steps=total_steps)
 
 
 def resume_point(args):

@@ -1,10 +1,12 @@
 """jsonl -> Megatron binidx (OUTPUT.bin + OUTPUT.idx) with the RWKV World tokenizer, one
 document per line, each followed by the end-of-document id 0 unless --no-eod.
 
-    python scripts/make_binidx.py data/train.jsonl data/train [--text-field text]
+    python scripts/make_binidx.py data/train.jsonl data/train [--text-field text] [--overwrite]
 
 Both files are written under temporary names and renamed at the end, so an interrupted run
-leaves no half-written output. Use the result with data_type binidx and data_file data/train."""
+leaves no half-written output (and the next run for that output removes what a killed one left).
+An existing OUTPUT.bin / OUTPUT.idx is replaced only with --overwrite. Use the result with
+--data_type binidx --data_file data/train."""
 import argparse
 import os
 import sys
@@ -13,18 +15,30 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.data import EOD, BinIdxWriter, DataError, iter_jsonl  # noqa: E402
+from src.checkpoint import clean_stale_temporaries  # noqa: E402
+from src.data import EOD, BinIdxWriter, DataError, binidx_prefix, iter_jsonl  # noqa: E402
 from src.tokenizer import world_tokenizer  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("input", help="jsonl file, one JSON object per line")
-    p.add_argument("output", help="output prefix: writes OUTPUT.bin and OUTPUT.idx")
-    p.add_argument("--text-field", default="text", help="the field holding each document's text")
-    p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document id 0")
-    p.add_argument("--vocab", default=None, help="vocabulary file (default: the one in the rwkv package)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="jsonl file, one JSON object per line, e.g. {\"text\": \"...\"}")
+    p.add_argument("output", help="output prefix: writes OUTPUT.bin and OUTPUT.idx (a .bin or .idx ending is dropped)")
+    p.add_argument("--text-field", default="text", help="the field holding each document's text (default: text)")
+    p.add_argument("--no-eod", action="store_true", help="do not append the end-of-document id 0 to each document")
+    p.add_argument("--vocab", default=None, help="World vocabulary file (default: the one in the rwkv package)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT.bin / OUTPUT.idx")
     args = p.parse_args(argv)
+    if os.path.isdir(args.input):
+        sys.exit(f"make_binidx.py: {args.input} is a directory: give one .jsonl file (concatenate several first).")
+    if not os.path.isfile(args.input):
+        sys.exit(f"make_binidx.py: {args.input} does not exist or is not a file.")
+    prefix = binidx_prefix(args.output)
+    existing = [prefix + ext for ext in (".bin", ".idx") if os.path.exists(prefix + ext)]
+    if existing and not args.overwrite:
+        sys.exit(f"make_binidx.py: {existing[0]} already exists: choose another output, or pass --overwrite to replace it.")
+    for ext in (".bin", ".idx"):
+        clean_stale_temporaries(prefix + ext, say=lambda m: print(m, file=sys.stderr))
 
     tokenizer = world_tokenizer(args.vocab)
     eod = [] if args.no_eod else [EOD]

@@ -34,7 +34,8 @@ def main(out_dir):
             for _ in range(4000):
                 f.write(json.dumps({"text": story(rng)}) + "\n")
         os.replace(jsonl + ".tmp", jsonl)
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_binidx.py"), jsonl, data], check=True)
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_binidx.py"), jsonl, data,
+                        "--overwrite"], check=True)
     print(base)
 
 

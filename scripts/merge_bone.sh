@@ -15,7 +15,7 @@ if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
         exit 1
     fi
     OUTPUT=${OUTPUT:-out/demo/merged.pth}
-    set -- --overwrite --verify "$@"
+    set -- --overwrite --verify --verify_prompt "Alice has 3 apples. Bob gives Alice" "$@"
 fi
 : "${BASE:?set BASE to the base model .pth}"
 : "${ADAPTER:?set ADAPTER to the adapter .pth written by train.py}"

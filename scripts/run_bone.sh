@@ -46,6 +46,7 @@ python train.py \
     --train_parts "${TRAIN_PARTS:-}" \
     --grad_cp "${GRAD_CP:-0}" \
     --chunk_ctx "${CHUNK_CTX:-0}" \
+    --quant "${QUANT:-none}" \
     --accelerator "${ACCELERATOR:-auto}" \
     --devices "${DEVICES:-1}" \
     --num_nodes "${NUM_NODES:-1}" \

@@ -35,13 +35,60 @@ def load_checkpoint(path, mmap=True):
     return sd, RWKV6Config.from_state_dict(sd, source=os.fspath(path))
 
 
+def temporary_file(path):
+    """(fd, name) of a new temporary file beside `path`: .tmp-PID-RANDOM-NAME. The pid says
+    whether its writer still lives (clean_stale_temporaries), the name whose it is."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=f"-{name}", dir=directory)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(path, say=print):
+    """Remove the temporaries that a killed writer of `path` (a file, or every file of a
+    directory when `path` is one) left behind; a live writer's are left alone. Returns the bytes freed."""
+    path = os.path.abspath(os.fspath(path))
+    directory, name = (path, None) if os.path.isdir(path) else os.path.split(path)
+    freed = 0
+    if not os.path.isdir(directory):
+        return freed
+    for entry in os.listdir(directory):
+        parts = entry.split("-", 3)     # .tmp, pid, random, name
+        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or (name and parts[3] != name):
+            continue
+        if int(parts[1]) != os.getpid() and not pid_alive(int(parts[1])):
+            full = os.path.join(directory, entry)
+            freed += os.path.getsize(full)
+            os.remove(full)
+    if freed:
+        say(f"removed {freed / 1e6:.1f} MB of temporaries left by an interrupted run in {directory}")
+    return freed
+
+
+def check_finite(key, tensor, source):
+    """One sentence naming the tensor when it holds NaN or Inf (a damaged or diverged checkpoint)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{source}: {key} holds {bad:,} NaN or Inf values: the checkpoint is damaged or "
+                              "diverged; use a healthy base model.")
+
+
 def atomic_write(path, write):
     """Call write(binary file) on a temporary file beside `path`, then rename it to `path`:
-    a crash leaves either the old file or the new one, never half a file."""
+    a crash leaves either the old file or the new one, never half a file (and the next
+    clean_stale_temporaries removes the crashed run's temporary)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    fd, tmp = temporary_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -198,7 +245,7 @@ def x060_state_dict(config: RWKV6Config, seed=0):
         rows, cols = shape
         q, r = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g))
         q = q * torch.sign(torch.diagonal(r))
-        return gain * (q if rows >= cols else q.T)
+        return (gain * (q if rows >= cols else q.T)).contiguous()    # QR's Q is column-major; files are not
 
     def linear(shape, scale):
         gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0

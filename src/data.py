@@ -7,12 +7,13 @@ one sentence (DataError), before any training starts."""
 import json
 import os
 import struct
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from .checkpoint import temporary_file
 
 EOD = 0  # end-of-document and padding id: the World tokenizer never produces it
 DATA_TYPES = ("binidx", "jsonl", "sft", "sft_padded")
@@ -92,9 +93,7 @@ class BinIdxWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype.type not in DTYPE_CODES.values():
             raise ValueError(f"binidx cannot store {self.dtype}.")
-        directory = os.path.dirname(os.path.abspath(self.prefix))
-        os.makedirs(directory, exist_ok=True)
-        fd, self.tmp_bin = tempfile.mkstemp(prefix=".tmp-", suffix=".bin", dir=directory)
+        fd, self.tmp_bin = temporary_file(self.prefix + ".bin")
         self.file = os.fdopen(fd, "wb")
         self.sizes = []
 
@@ -111,7 +110,7 @@ class BinIdxWriter:
         sizes = np.array(self.sizes, np.int64)
         pointers = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * self.dtype.itemsize
         code = next(c for c, t in DTYPE_CODES.items() if t == self.dtype.type)
-        fd, tmp_idx = tempfile.mkstemp(prefix=".tmp-", suffix=".idx", dir=os.path.dirname(self.tmp_bin))
+        fd, tmp_idx = temporary_file(self.prefix + ".idx")
         with os.fdopen(fd, "wb") as f:
             f.write(IDX_HEADER.pack(IDX_MAGIC, 1, code, len(sizes), len(sizes) + 1))
             f.write(sizes.astype(np.int32).tobytes())

@@ -22,11 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from .bone import AdapterError, merged_exact, plan_merge, read_adapter, train_part_of
-from .checkpoint import DTYPES, load_checkpoint, release_pages, stream_checkpoint, trim_heap
+from .checkpoint import (DTYPES, check_finite, clean_stale_temporaries, load_checkpoint, release_pages,
+                         stream_checkpoint, trim_heap)
 from .quant import bnb_functional, check_quant, rounded
 
-OUTPUT_DTYPES = ("same",) + tuple(DTYPES)
-LOST_WARNING = 0.1      # warn when more than this fraction of an update is lost to the cast
+OUTPUT_DTYPES = ("auto", "same") + tuple(DTYPES)
+LOST_WARNING = 0.1      # an output dtype may lose at most this fraction of any kind's update
+FP16_MAX = 65504.0
 CHUNK = 1 << 22         # elements per slice when measuring (bounds the temporaries)
 TRIM_EVERY = 1 << 26    # bytes written between handing freed heap memory back
 
@@ -158,17 +160,57 @@ def quant_plan(adapter, quant):
     return keys, line
 
 
-def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, device="cpu", overwrite=False,
+def _exact(base_sd, plan, mode, key, round_keys, quant, dev):
+    """(the base tensor as merged into, fp32 or wider, and the exact merged tensor) of one key."""
+    w = base_sd[key]
+    if key in round_keys:
+        w = rounded(w.to(dev), quant)       # the base a --quant run trained against, fp32
+    change = plan.get(key)
+    if change is None:
+        return w, None
+    w = w.to(dev)
+    exact = merged_exact(w, change[1], mode, change[2]) if change[0] == "merge" \
+        else change[1].to(dev, torch.promote_types(w.dtype, torch.float32))
+    return w, exact
+
+
+def choose_dtype(base_sd, plan, mode, round_keys, quant, dev):
+    """(dtype name, one line saying why): the narrowest of bf16, fp16, fp32 that keeps at least
+    90% of every module kind's update and holds every value of the output (fp16 tops out at 65504)."""
+    lost = {name: OrderedDict() for name in ("bf16", "fp16")}
+    fits_fp16 = True
+    for key in base_sd:
+        w, exact = _exact(base_sd, plan, mode, key, round_keys, quant, dev)
+        out = w if exact is None else exact
+        if out.numel() and float(out.abs().max()) > FP16_MAX:
+            fits_fp16 = False
+        if exact is not None:
+            for name in lost:
+                _measure(lost[name].setdefault(kind_of(key), Survival()), w, exact, exact.to(DTYPES[name]))
+        release_pages(base_sd[key])
+    worst = {name: max((r.lost or 0.0 for r in rows.values()), default=0.0) for name, rows in lost.items()}
+    if worst["bf16"] <= LOST_WARNING:
+        return "bf16", f"bf16 keeps {1 - worst['bf16']:.1%} or more of every kind's update"
+    why = f"bf16 would lose {worst['bf16']:.0%} of the update"
+    if worst["fp16"] <= LOST_WARNING and fits_fp16:
+        return "fp16", f"{why}; fp16 keeps {1 - worst['fp16']:.1%} or more and holds every value"
+    why += (f", fp16 {worst['fp16']:.0%}" if worst["fp16"] > LOST_WARNING else ", fp16 cannot hold every value")
+    return "fp32", f"{why}; fp32 keeps all of it"
+
+
+def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, device="cpu", overwrite=False,
                      progress=True, quant="none"):
     """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
-    official-layout result to `output`, atomically. dtype: "same" (each tensor keeps the base's
-    dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
-    base is rounded through first (see quant_plan). Returns {kind: Survival} in base order. Raises
+    official-layout result to `output`, atomically. dtype: "auto" (choose_dtype), "same" (each
+    tensor keeps the base's dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
+    base is rounded through first (see quant_plan). Returns ({kind: Survival} in base order, the
+    dtype written, why that one: a line or None when asked for). Raises
     CheckpointError, AdapterError or MergeError (one sentence) before anything is written when an
     input is bad; a failure while writing leaves no output behind (nor changes an old one)."""
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
     dev = _device(device)
+    clean_stale_temporaries(output, say=lambda m: print(f"merge: {m}", file=sys.stderr))
     base_sd, config = load_checkpoint(base, mmap=True)
     mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
     round_keys = set(quant_plan(adapter, quant)[0])
@@ -178,10 +220,9 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
         if bad:
             raise AdapterError(f"The adapter's metadata lists {bad[0]} as held quantized, but that is not a frozen "
                                "matrix of the base: the file is inconsistent.")
-    out_dtype = {k: v.dtype if dtype == "same" else DTYPES[dtype] for k, v in base_sd.items()}
-    specs = OrderedDict((k, (tuple(v.shape), out_dtype[k])) for k, v in base_sd.items())
-    nbytes = sum(math.prod(shape) * _itemsize(d) for shape, d in specs.values())
-    check_output(output, base, adapter, overwrite, nbytes)
+    # Checked before any work at the least the output can take (auto: bf16), and again once the dtype is known.
+    least = {k: v.dtype if dtype == "same" else DTYPES.get(dtype, torch.bfloat16) for k, v in base_sd.items()}
+    check_output(output, base, adapter, overwrite, sum(v.numel() * _itemsize(least[k]) for k, v in base_sd.items()))
     if safe_merge:
         for key, change in plan.items():
             tensors = change[1] if isinstance(change[1], tuple) else (change[1],)
@@ -189,24 +230,26 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
                 what = "adapter" if change[0] == "merge" else "trained"
                 raise MergeError(f"The {what} tensor for {key} holds NaN or Inf: nothing was written "
                                  "(use an earlier adapter, or --no-safe_merge to merge it anyway).")
-
+    for key, w in base_sd.items():
+        check_finite(key, w, base)
+    why = None
+    if dtype == "auto":
+        dtype, why = choose_dtype(base_sd, plan, mode, round_keys, quant, dev)
+    out_dtype = {k: v.dtype if dtype == "same" else DTYPES[dtype] for k, v in base_sd.items()}
+    specs = OrderedDict((k, (tuple(v.shape), out_dtype[k])) for k, v in base_sd.items())
+    nbytes = sum(math.prod(shape) * _itemsize(d) for shape, d in specs.values())
+    check_output(output, base, adapter, overwrite, nbytes)
     report = OrderedDict()
     bar = _Progress(nbytes, progress)
 
     def produce(key):
-        w = base_sd[key]
-        change = plan.get(key)
-        if key in round_keys:
-            w = rounded(w.to(dev), quant)       # the base a --quant run trained against, fp32
-        if change is None:
+        w, exact = _exact(base_sd, plan, mode, key, round_keys, quant, dev)
+        if exact is None:
             out = w.to("cpu", out_dtype[key])   # copied (or cast) on the CPU, whatever --device says
         else:
-            wd = w.to(dev)
-            exact = merged_exact(wd, change[1], mode, change[2]) if change[0] == "merge" \
-                else change[1].to(dev, torch.promote_types(w.dtype, torch.float32))
             out = exact.to(out_dtype[key])
-            _measure(report.setdefault(kind_of(key), Survival()), wd, exact, out)
-            del exact, wd
+            _measure(report.setdefault(kind_of(key), Survival()), w, exact, out)
+            del exact
         # What merging or casting made is checked; a tensor copied bit for bit is the base's own.
         if safe_merge and (change is not None or out.dtype != w.dtype) and not _finite(out):
             raise MergeError(f"Merging {key} gives NaN or Inf in {str(out.dtype).replace('torch.', '')}: "
@@ -226,7 +269,7 @@ def merge_checkpoint(base, adapter, output, dtype="same", safe_merge=True, devic
 
     stream_checkpoint(output, specs, produce, written)
     bar.close()
-    return report
+    return report, dtype, why
 
 
 class _Progress:
@@ -256,7 +299,7 @@ class _Progress:
 
 
 def format_report(report, dtype):
-    """The survival table merge.py prints, with a warning line per kind that loses > 10%."""
+    """The survival table merge.py prints, and one warning line when a kind loses > 10%."""
     lines = [f"how much of the fine-tuning survives the cast to the output dtype ({dtype}):",
              f"  {'kind':<16}{'tensors':>8}{'|update|/|W|':>15}{'lost':>10}"]
     warnings = []
@@ -265,10 +308,12 @@ def format_report(report, dtype):
         rel = "W is 0" if row.relative_update is None else f"{row.relative_update:.3e}"
         lines.append(f"  {kind:<16}{row.tensors:>8}{rel:>15}{lost:>10}")
         if row.lost is not None and row.lost > LOST_WARNING:
-            warnings.append(f"WARNING: {row.lost:.0%} of the {kind} update is lost in {dtype}: "
-                            "merge with --dtype fp32 (or fp16) to keep it.")
+            warnings.append(f"{kind} {row.lost:.0%}")
     lines.append("  (lost = |written - exact merge| / |exact merge - base|, over all tensors of the kind)")
-    return "\n".join(lines + warnings)
+    if warnings:
+        lines.append(f"WARNING: {dtype} loses more than {LOST_WARNING:.0%} of the update of {len(warnings)} kinds "
+                     f"({', '.join(warnings)}): merge with --dtype auto (the default) or fp32 to keep it.")
+    return "\n".join(lines)
 
 
 __all__ = ["MergeError", "Survival", "merge_checkpoint", "quant_plan", "format_report", "kind_of", "check_output",

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_finite, load_checkpoint
 from .config import RWKV6Config
 from .ops import OPS, wkv6
 from .ops.head_loss import head_loss
@@ -141,6 +141,8 @@ class RWKV6(nn.Module):
     def from_checkpoint(cls, path, dtype=None, **kwargs):
         """Load an official .pth (weights_only). dtype: None keeps the file's, else e.g. torch.float32."""
         sd, _ = load_checkpoint(path)
+        for key, tensor in sd.items():
+            check_finite(key, tensor, path)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         return cls.from_state_dict(sd, **kwargs)

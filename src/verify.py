@@ -13,7 +13,8 @@ from .quant import quantize_model
 from .tokenizer import world_tokenizer
 
 WORLD_VOCAB = 65536
-DEFAULT_PROMPT = "Alice has 3 apples. Bob gives Alice"
+DEFAULT_PROMPT = "The old lighthouse keeper opened the door and"
+KEPT = 0.1      # the verdict: the merged file may differ from base + adapter by 10% of the adapter's effect
 
 
 def _rwkv_runtime(path):
@@ -25,9 +26,11 @@ def _rwkv_runtime(path):
 
 
 def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out=print):
-    """Returns (max |logit difference| merged vs base+adapter, the same for base vs base+adapter).
-    Prints both, and the merged model's greedy continuation of `prompt` (deterministic, so two
-    runs compare; World tokenizer when the vocabulary is the World one, token ids otherwise)."""
+    """Returns (max |logit difference| merged vs base+adapter, the same for base vs base+adapter,
+    the verdict). Prints both, the verdict (the difference is at most 10% of the adapter's own
+    effect, or of 1e-3 of the largest logit when the adapter changes almost nothing) and the merged
+    model's greedy continuation of `prompt` (deterministic, so two runs compare; World tokenizer
+    when the vocabulary is the World one, token ids otherwise)."""
     meta = read_adapter(adapter, mmap=True)[1]
     quant = meta.get("quant") or "none"
 
@@ -54,10 +57,15 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
         out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "
             f"adapter in this repository's model{trained}: {diff:.3e} (the adapter itself moves the logits by up to "
             f"{effect:.3e})")
+        allowed = max(KEPT * effect, 1e-3 * adapted.abs().max().item())
+        ok = diff <= allowed
+        out(f"verify: {'PASS' if ok else 'FAIL'}: the merged file {'reproduces' if ok else 'does NOT reproduce'} base + "
+            f"adapter (difference {diff / max(effect, 1e-30):.1%} of the adapter's effect; allowed {allowed:.3e})"
+            + ("" if ok else ": merge again with --dtype fp32"))
         new, last = [], logits[-1]
         for _ in range(n_tokens):
             new.append(int(last.argmax()))
             last, state = runtime.forward([new[-1]], state)
     text = repr(prompt + tokenizer.decode(new)) if tokenizer else f"{ids} -> {new}"
     out(f"verify: the merged model continues the prompt (greedy): {text}")
-    return diff, effect
+    return diff, effect, ok

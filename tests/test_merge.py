@@ -12,7 +12,7 @@ import torch
 
 import merge
 from src.bone import BoneConfig, apply_adapters, load_adapter, save_adapter
-from src.checkpoint import atomic_save, load_state_dict, stream_checkpoint
+from src.checkpoint import DTYPES, atomic_save, load_state_dict, stream_checkpoint
 from src.model import RWKV6
 from tests.tiny import SHAPES, randomize, rwkv_runtime, save_random_checkpoint
 
@@ -143,8 +143,24 @@ def test_report_warns_when_bf16_loses_the_update(tmp_path, capsys):
     assert run_merge("--base_model", base, "--adapter", adapter, "--output", tmp_path / "m.pth", "--dtype", "bf16",
                      "--quiet") is None
     out = capsys.readouterr().out
-    assert re.search(r"WARNING: \d+% of the att.key update is lost in bf16: merge with --dtype fp32", out)
+    assert len(re.findall("WARNING", out)) == 1, out          # one summary line, not one per kind
+    assert re.search(r"WARNING: bf16 loses more than 10% of the update of 8 kinds \(att.receptance \d+%, .*att.key "
+                     r"\d+%.*\): merge with --dtype auto \(the default\) or fp32 to keep it.", out), out
     assert _report(out)["att.key"][2] > 0.5
+
+
+@pytest.mark.parametrize("scale, chosen", [(1e-2, "fp16"), (1e-4, "fp32"), (1.0, "bf16")])
+def test_the_default_dtype_keeps_the_update(tmp_path, capsys, scale, chosen):
+    """--dtype auto: the narrowest of bf16, fp16, fp32 that keeps >= 90% of every kind's update,
+    said in one line; the report then shows no kind losing more than 10%, and no warning."""
+    base, adapter = make_pair(tmp_path, "small", "bone", 32, base_dtype="bf16")
+    sd = load_state_dict(adapter, mmap=False)
+    atomic_save({k: (v * scale if k.endswith(".bone") else v) for k, v in sd.items()}, adapter)
+    assert run_merge("--base_model", base, "--adapter", adapter, "--output", tmp_path / "m.pth", "--quiet") is None
+    out = capsys.readouterr().out
+    assert f"merge: wrote {chosen} (" in out and "WARNING" not in out, out
+    assert all(lost <= 0.1 for *_, lost in _report(out).values()), out
+    assert {v.dtype for v in load_state_dict(tmp_path / "m.pth").values()} == {DTYPES[chosen]}
 
 
 def snapshot(directory):

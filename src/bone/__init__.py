@@ -20,7 +20,7 @@ Usage::
 """
 from .config import (DEFAULT_TARGETS, LEGACY_KEYS, MODES, TRAIN_PARTS, AdapterError, BoneConfig, as_config,
                      train_part_of)
-from .files import (FILE_FORMAT, FILE_VERSION, META_KEY, adapter_state_dict, load_adapter, plan_merge,
+from .files import (FILE_FORMAT, FILE_VERSION, META_KEY, adapter_meta, adapter_state_dict, load_adapter, plan_merge,
                     read_adapter, save_adapter)
 from .functional import (adapter_shapes, bat_linear, bat_merged_weight, bone_linear, lora_linear, merge_weight,
                          merged_exact)

@@ -43,15 +43,22 @@ def adapter_state_dict(model):
     for n, p in model.named_parameters():      # model order: official order, adapters beside their weights
         if n in adapter_keys or train_part_of(n) in state.train_parts:
             sd[n] = _detached(p)
+    sd[META_KEY] = adapter_meta(model)
+    return sd
+
+
+def adapter_meta(model):
+    """What an adapter file records of the model it was trained on: the adapter settings, the
+    base's shape (fingerprint) and the quantization of the base."""
+    state, layers = _state(model), adapter_layers(model)
     quant = getattr(model, "_base_quant", None) or {"type": "none", "keys": []}   # set by src/quant.py
-    sd[META_KEY] = {
+    return {
         "format": FILE_FORMAT, "version": FILE_VERSION, "mode": state.mode,
         "r": {name: layer.r for name, layer in layers.items()},
         "targets": list(layers), "train_parts": list(state.train_parts),
         "lora_alpha": state.lora_alpha, "fingerprint": _fingerprint(model),
         "quant": quant["type"], "quantized": list(quant["keys"]),
     }
-    return sd
 
 
 def save_adapter(model, path):

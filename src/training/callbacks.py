@@ -2,7 +2,7 @@
 loss plot), adapter checkpoints and the resume point, and the quantized base."""
 import contextlib
 import csv
-import glob
+import errno
 import io
 import os
 import shutil
@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 
 from ..checkpoint import atomic_write
+from .rundir import run_adapters
 from .schedule import learning_rate
 
 LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s")
@@ -49,15 +50,16 @@ class LearningRateSchedule(pl.Callback):
 
 
 class TrainLog(pl.Callback):
-    """Loss, lr and thousands of tokens/s on the progress bar; a CSV row per step (proj_dir/log.csv);
-    the loss curve as proj_dir/loss.png at the end of each epoch. Both files written atomically."""
+    """The progress line (epoch, step of all steps, loss, lr, tokens/s), a CSV row per step
+    (proj_dir/log.csv, rewritten atomically after every step, so an interrupted run's log holds
+    every step up to its resume point) and the loss curve (proj_dir/loss.png) at each epoch end."""
 
-    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, write_every=10):
+    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0):
         self.csv_path = os.path.join(proj_dir, "log.csv")
         self.png_path = os.path.join(proj_dir, "loss.png")
         self.schedule, self.tokens_per_step = schedule, tokens_per_step
-        self.epoch_steps, self.write_every = epoch_steps, write_every
-        self.rows, self.step_losses = [], []
+        self.epoch_steps, self.total_steps, self.epoch_offset = epoch_steps, total_steps, epoch_offset
+        self.rows, self.step_losses, self.bar = [], [], None
 
     def on_train_start(self, trainer, pl_module):
         # A resumed run keeps the log of the steps before its resume point and rewrites the rest.
@@ -65,6 +67,14 @@ class TrainLog(pl.Callback):
             with open(self.csv_path) as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= trainer.global_step]
         self.last_time = time.perf_counter()
+        if trainer.is_global_zero:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=trainer.global_step, unit="step", dynamic_ncols=True,
+                            desc=self.epoch_label(trainer.global_step))
+
+    def epoch_label(self, step):
+        epochs = -(-self.total_steps // self.epoch_steps)
+        return f"epoch {self.epoch_offset + min(step // self.epoch_steps, epochs - 1) + 1}/{self.epoch_offset + epochs}"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.step_losses.append(outputs["loss"].detach().float())
@@ -75,21 +85,28 @@ class TrainLog(pl.Callback):
         now = time.perf_counter()
         tokens_per_s = self.tokens_per_step / (now - self.last_time)
         self.last_time = now
-        pl_module.log_dict({"loss": loss, "lr": self.schedule.lr, "kt/s": tokens_per_s / 1000},
-                           prog_bar=True, on_step=True, rank_zero_only=True)
         step = trainer.global_step
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
                           "tokens_per_s": f"{tokens_per_s:.1f}"})
-        if trainer.is_global_zero and step % self.write_every == 0:
-            self.write_csv()
-        if trainer.is_global_zero and step % self.epoch_steps == 0:
-            self.write_csv()
+        if not trainer.is_global_zero:
+            return
+        self.bar.set_description(self.epoch_label(step - 1), refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:#.4g}, lr {self.schedule.lr:.3g}, {readable_rate(tokens_per_s)}",
+                                 refresh=False)
+        self.bar.update(1)
+        self.write_csv()
+        if step % self.epoch_steps == 0:
             self.plot()
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero:
+            self.bar.close()
             self.write_csv()
             self.plot()
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.bar is not None:
+            self.bar.close()
 
     def write_csv(self):
         text = io.StringIO()
@@ -114,15 +131,27 @@ class TrainLog(pl.Callback):
         plt.close(fig)
 
 
+def readable_rate(tokens_per_s):
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if tokens_per_s >= size:
+            return f"{tokens_per_s / size:.3g}{unit} tokens/s"
+    return f"{tokens_per_s:.3g} tokens/s"
+
+
 class Checkpointer(pl.Callback):
     """Every `save_every_steps` steps, at each epoch end and at the end of training: an adapter
-    file proj_dir/adapter-STEP.pth (the last `keep_last` are kept) and the resume point
-    proj_dir/resume (adapter, optimizer state, step; the data position follows from the step)."""
+    file proj_dir/adapter-STEP.pth (the last `keep_last` are kept; 0 keeps all) and the resume
+    point proj_dir/resume (adapter, optimizer state, step; the data position follows from the
+    step). Also the resume point alone every `save_every_minutes`, and on Ctrl-C."""
 
-    def __init__(self, proj_dir, save_adapter, save_every_steps, epoch_steps, epoch_save, keep_last):
+    def __init__(self, proj_dir, save_adapter, save_every_steps, epoch_steps, epoch_save, keep_last,
+                 save_every_minutes=0, on_saved=None):
         self.proj_dir, self.save_adapter = proj_dir, save_adapter
         self.save_every_steps, self.epoch_steps = save_every_steps, epoch_steps
         self.epoch_save, self.keep_last = epoch_save, keep_last
+        self.save_every_s, self.on_saved = save_every_minutes * 60, on_saved
+        self.last_save = time.monotonic()
+        self.last_adapter = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not optimizer_stepped(trainer, batch_idx):
@@ -131,21 +160,46 @@ class Checkpointer(pl.Callback):
         epoch_end = step % self.epoch_steps == 0 and self.epoch_save > 0 and (step // self.epoch_steps) % self.epoch_save == 0
         if (self.save_every_steps and step % self.save_every_steps == 0) or epoch_end or step == trainer.max_steps:
             self.save(trainer, pl_module, step)
+        elif self.save_every_s:
+            # Every process must agree on a save (it has barriers): the first one's clock decides.
+            due = trainer.strategy.broadcast(time.monotonic() - self.last_save >= self.save_every_s, src=0)
+            if due:
+                self.save_resume_point(trainer, step)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            step = trainer.global_step
+            self.save_resume_point(trainer, step)
+            if trainer.is_global_zero:
+                print(f"\ninterrupted: the resume point in {self.proj_dir} holds step {step}; continue with the same "
+                      "command and --resume.", flush=True)
 
     def save(self, trainer, pl_module, step):
         model = pl_module.model
         trainable = [p for p in model.parameters() if p.requires_grad]
         with gathered(trainable):  # under ZeRO-3 each process holds a shard: gather the full tensors
             if trainer.is_global_zero:
-                self.save_adapter(model, os.path.join(self.proj_dir, f"adapter-{step:07d}.pth"))
-                for old in sorted(glob.glob(os.path.join(self.proj_dir, "adapter-*.pth")))[:-self.keep_last]:
-                    os.remove(old)
+                self.last_adapter = os.path.join(self.proj_dir, f"adapter-{step:07d}.pth")
+                self.save_adapter(model, self.last_adapter)
+                if self.keep_last:
+                    for old in run_adapters(self.proj_dir)[:-self.keep_last]:
+                        os.remove(old)
+        self.save_resume_point(trainer, step)
+
+    def save_resume_point(self, trainer, step):
         # Every process writes its shard of the resume point into a fresh folder; the swap is atomic.
         tmp, final = os.path.join(self.proj_dir, ".resume-tmp"), os.path.join(self.proj_dir, "resume")
         if trainer.is_global_zero and os.path.exists(tmp):
             shutil.rmtree(tmp)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp)
+        try:
+            trainer.save_checkpoint(tmp)
+        except BaseException as e:
+            # Nothing partial stays behind (a full disk, a kill); the last complete resume point is kept.
+            shutil.rmtree(tmp, ignore_errors=True)
+            if disk_full(e, self.proj_dir):
+                raise OSError(errno.ENOSPC, "No space left on device", self.proj_dir) from None
+            raise
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             old = final + ".old"
@@ -153,7 +207,18 @@ class Checkpointer(pl.Callback):
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
+            if self.on_saved:
+                self.on_saved(step)
+        self.last_save = time.monotonic()
         trainer.strategy.barrier()
+
+
+def disk_full(error, directory, margin=1 << 20):
+    """A write failed for want of space: ENOSPC, or torch's zip writer failing (it does not say
+    why) on a disk with less than `margin` bytes left."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return isinstance(error, RuntimeError) and shutil.disk_usage(directory).free < margin
 
 
 def gathered(params):

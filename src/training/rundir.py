@@ -1,0 +1,133 @@
+"""The run directory (--proj_dir): one run at a time, one run per directory.
+
+- A lock file (.lock: pid and host) held for the whole run; a lock whose process is gone is
+  stale and removed, a live one refuses the second run.
+- A directory that holds an earlier run is refused unless --resume (continue it) or --overwrite
+  (delete the earlier run's files first): otherwise its log, plot and resume point would be
+  overwritten and its adapters mixed with the new run's.
+- run.json records what the adapters depend on (base shape, adapter settings, quantization) and
+  the step of the last resume point, so --resume can say what differs, or that the run is done.
+- Temporaries of a killed run (.tmp-* files, .resume-tmp) are removed at the start.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+
+from ..checkpoint import pid_alive, atomic_write, clean_stale_temporaries
+
+ADAPTER_NAME = re.compile(r"adapter-(\d{7})\.pth$")     # not adapter-STEP-merged.pth beside them
+RUN_FILES = ("log.csv", "loss.png", "run.json", "resume", "resume.old")
+
+
+def run_adapters(proj_dir):
+    """The adapter files a run wrote in proj_dir, oldest step first."""
+    names = [n for n in os.listdir(proj_dir) if ADAPTER_NAME.match(n)] if os.path.isdir(proj_dir) else []
+    return [os.path.join(proj_dir, n) for n in sorted(names, key=lambda n: int(ADAPTER_NAME.match(n).group(1)))]
+
+
+def check_writable(proj_dir):
+    """proj_dir exists (or is made) as a directory this process can write, or one sentence."""
+    if os.path.exists(proj_dir) and not os.path.isdir(proj_dir):
+        raise ValueError(f"--proj_dir {proj_dir} is a file, not a directory: give a directory for the run's files.")
+    try:
+        os.makedirs(proj_dir, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--proj_dir {proj_dir} cannot be made ({e.strerror}): choose a directory you can write.") from None
+    if not os.access(proj_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--proj_dir {proj_dir} is not writable: choose a directory you can write.")
+
+
+class RunDir:
+    def __init__(self, proj_dir):
+        self.proj_dir = proj_dir
+        self.lock_path = os.path.join(proj_dir, ".lock")
+        self.json_path = os.path.join(proj_dir, "run.json")
+        self.locked = False
+
+    def lock(self, say=print):
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._lock_owner()
+                if owner and owner.get("host") == me["host"] and not pid_alive(owner.get("pid", -1)):
+                    os.remove(self.lock_path)
+                    say(f"removed the stale lock of an earlier run (pid {owner['pid']}, no longer running) in {self.proj_dir}")
+                    continue
+                who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+                raise ValueError(f"Another run ({who}) is using {self.proj_dir}: wait for it, or choose another "
+                                 f"--proj_dir (if no run is going on, delete {self.lock_path}).") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.locked = True
+            return
+        raise ValueError(f"Could not take the lock {self.lock_path}: another run keeps making it; try again.")
+
+    def _lock_owner(self):
+        try:
+            with open(self.lock_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def unlock(self):
+        if self.locked and self._lock_owner() == {"pid": os.getpid(), "host": socket.gethostname()}:
+            os.remove(self.lock_path)
+        self.locked = False
+
+    def earlier_run(self):
+        """The names of an earlier run's files in proj_dir (empty when there is none)."""
+        found = [n for n in RUN_FILES if os.path.exists(os.path.join(self.proj_dir, n))]
+        adapters = run_adapters(self.proj_dir)
+        return found + ([f"{len(adapters)} adapter files"] if adapters else [])
+
+    def prepare(self, resume, overwrite, say=print):
+        """Before any work: refuse a directory with another run unless resuming or overwriting;
+        remove a killed run's temporaries (under the lock, so no live writer is touched)."""
+        earlier = self.earlier_run()
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in --proj_dir and --overwrite deletes it: give one of them.")
+        if earlier and not (resume or overwrite):
+            raise ValueError(f"--proj_dir {self.proj_dir} holds an earlier run ({', '.join(earlier)}): continue it "
+                             "with --resume, choose another --proj_dir, or pass --overwrite to delete it and start anew.")
+        clean_stale_temporaries(self.proj_dir, say=say)
+        shutil.rmtree(os.path.join(self.proj_dir, ".resume-tmp"), ignore_errors=True)
+        if overwrite and earlier:
+            for path in [os.path.join(self.proj_dir, n) for n in RUN_FILES] + run_adapters(self.proj_dir):
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            say(f"--overwrite: deleted the earlier run in {self.proj_dir} ({', '.join(earlier)})")
+
+    def recorded(self):
+        try:
+            with open(self.json_path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{self.json_path} cannot be read ({e}): the run directory is damaged.") from None
+
+    def record(self, **fields):
+        data = {**(self.recorded() or {}), **fields}
+        atomic_write(self.json_path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def differences(recorded, now):
+    """Sentences naming what differs between the settings a run recorded and this command's."""
+    out = []
+    for key in sorted(set(recorded) | set(now)):
+        a, b = recorded.get(key), now.get(key)
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict):
+                changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                k = changed[0]
+                out.append(f"{key} of {k}: {a.get(k)} then, {b.get(k)} now" + (f" (and {len(changed) - 1} more)"
+                                                                                if len(changed) > 1 else ""))
+            else:
+                out.append(f"{key}: {a} then, {b} now")
+    return out

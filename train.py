@@ -6,6 +6,7 @@ Example (one GPU):
       --bone_r 64 --lr_init 2e-5 --lr_final 2e-5 --precision bf16 --strategy deepspeed_stage_1
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -76,10 +77,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    made = not os.path.exists(args.proj_dir)
     try:
         check_args(args)
-        run(args)
+        with run_directory(args) as run_dir:
+            run(args, run_dir)
     except (ValueError, FileNotFoundError) as e:  # our errors are one sentence: no traceback for the user
+        if made and os.path.isdir(args.proj_dir) and not os.listdir(args.proj_dir):
+            os.rmdir(args.proj_dir)     # refused before any work: leave nothing behind
         sys.exit(f"train.py: {e}")
     except (OSError, RuntimeError) as e:
         from src.training.callbacks import disk_full
@@ -111,15 +116,28 @@ def check_args(args):
                          "jsonl (or sft), or make binidx with scripts/make_binidx.py.")
     if args.bone_r is not None and args.bone_r < 1 or args.lora_r < 1:
         raise ValueError("--bone_r and --lora_r must be at least 1.")
+    if args.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"Unknown --precision {args.precision!r}: choose bf16, fp16, fp32 or auto.")
     from src.training.rundir import check_writable
     check_writable(args.proj_dir)
-
-
-def run(args):
+    from src.training.schedule import learning_rate
+    learning_rate(0, 1, args.lr_init, args.lr_final, 0, args.lr_schedule)  # refuses an unknown schedule now
     accelerator = resolve_accelerator(args.accelerator)
     if accelerator == "cpu":
         # DeepSpeed picks its accelerator when first imported: set it before anything imports it.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from src.training.strategy import make_strategy
+    make_strategy(args.strategy, accelerator)      # refuses an unknown strategy now
+    check_quant(args)
+    if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
+        flag = "--op cuda" if args.op == "cuda" else "--accelerator gpu"
+        raise ValueError(f"{flag} needs a CUDA GPU, but PyTorch sees none here: use --op cpu --accelerator cpu "
+                         "(or auto).")
+
+
+def run(args, run_dir):
+    accelerator = resolve_accelerator(args.accelerator)
     import pytorch_lightning as pl
     import torch
 
@@ -132,24 +150,12 @@ def run(args):
     from src.training.rundir import run_adapters
     from src.training.module import RWKVLightning
     from src.training.sampler import StepSampler
-    from src.training.schedule import learning_rate
     from src.training.strategy import make_strategy
     from src import bone
 
     precision = {"auto": "bf16" if accelerator == "gpu" else "fp32"}.get(args.precision, args.precision)
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"Unknown --precision {args.precision!r}: choose bf16, fp16, fp32 or auto.")
-    learning_rate(0, 1, args.lr_init, args.lr_final, 0, args.lr_schedule)  # refuses an unknown schedule now
-    if args.chunk_ctx < 0:
-        raise ValueError(f"--chunk_ctx {args.chunk_ctx} is negative: give a chunk length in tokens, or 0 for off.")
     strategy = make_strategy(args.strategy, accelerator)
-    check_quant(args)
-    if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
-        flag = "--op cuda" if args.op == "cuda" else "--accelerator gpu"
-        raise ValueError(f"{flag} needs a CUDA GPU, but PyTorch sees none here: use --op cpu --accelerator cpu "
-                         "(or auto).")
     total_steps = args.max_steps or args.epoch_count * args.epoch_steps
-    run_dir = open_run_dir(args)
     resume = resume_point(args) if args.resume else None
     pl.seed_everything(args.seed, workers=True)
 
@@ -255,18 +261,21 @@ def check_quant(args):
         bnb_functional()    # bitsandbytes missing or too old: one sentence now, not after loading the model
 
 
-def open_run_dir(args):
+@contextlib.contextmanager
+def run_directory(args):
     """The first process locks --proj_dir for the run and prepares it (src/training/rundir.py);
-    the processes Lightning starts for the other devices find it ready."""
+    the processes Lightning starts for the other devices find it ready (and get None)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-        return None
-    import atexit
+        yield None
+        return
     from src.training.rundir import RunDir
     run_dir = RunDir(args.proj_dir)
     run_dir.lock()
-    atexit.register(run_dir.unlock)
-    run_dir.prepare(args.resume, args.overwrite)
-    return run_dir
+    try:
+        run_dir.prepare(args.resume, args.overwrite)
+        yield run_dir
+    finally:
+        run_dir.unlock()
 
 
 def describe(model, args, bone):

@@ -56,23 +56,24 @@ def pid_alive(pid):
 
 def clean_stale_temporaries(path, say=print):
     """Remove the temporaries that a killed writer of `path` (a file, or every file of a
-    directory when `path` is one) left behind; a live writer's are left alone. Returns the bytes freed."""
+    directory when `path` is one) left behind; a live writer's are left alone. Returns how many."""
     path = os.path.abspath(os.fspath(path))
     directory, name = (path, None) if os.path.isdir(path) else os.path.split(path)
-    freed = 0
     if not os.path.isdir(directory):
-        return freed
+        return 0
+    stale = []
     for entry in os.listdir(directory):
         parts = entry.split("-", 3)     # .tmp, pid, random, name
         if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or (name and parts[3] != name):
             continue
         if int(parts[1]) != os.getpid() and not pid_alive(int(parts[1])):
-            full = os.path.join(directory, entry)
-            freed += os.path.getsize(full)
-            os.remove(full)
-    if freed:
-        say(f"removed {freed / 1e6:.1f} MB of temporaries left by an interrupted run in {directory}")
-    return freed
+            stale.append(os.path.join(directory, entry))
+    if stale:
+        size = sum(os.path.getsize(p) for p in stale)
+        for p in stale:
+            os.remove(p)
+        say(f"removed {len(stale)} temporaries ({size / 1e6:.1f} MB) left by an interrupted run in {directory}")
+    return len(stale)
 
 
 def check_finite(key, tensor, source):

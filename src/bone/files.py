@@ -72,6 +72,14 @@ def _read_meta(meta, source):
           and isinstance(meta.get("quant", "none"), str) and isinstance(meta.get("quantized", []), list))
     if not ok:
         raise AdapterError(f"{source} has a {META_KEY} entry that is not this project's adapter metadata.")
+    bad_r = [k for k, r in meta["r"].items() if not isinstance(r, int) or isinstance(r, bool) or r < 1]
+    if bad_r:
+        raise AdapterError(f"{source} records r = {meta['r'][bad_r[0]]!r} for {bad_r[0]}, which is not a positive "
+                           "integer: the file is damaged.")
+    alpha, targets = meta.get("lora_alpha"), meta.get("targets", [])
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)) or not isinstance(targets, list):
+        raise AdapterError(f"{source} has adapter metadata with a field of the wrong type (lora_alpha or targets): "
+                           "the file is damaged.")
     if meta["version"] > FILE_VERSION:
         raise AdapterError(f"{source} is adapter format version {meta['version']}; this code reads up to "
                            f"{FILE_VERSION}: update it.")

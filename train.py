@@ -17,6 +17,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 
 def parse_args(argv=None):
+    from src.data import SFT_TEMPLATE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 .pth (official layout); all sizes are read off it")
@@ -25,6 +26,8 @@ def parse_args(argv=None):
     a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded")
     a("--text_field", default="text", help="jsonl: the field that holds the text")
     a("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
+    a("--sft_template", default=SFT_TEMPLATE,
+      help="sft: how a prompt and its response make one document ({prompt} once, then {response} once)")
     a("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
     a("--vocab_size", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_layer", type=int, default=0, help="accepted only to be checked against the checkpoint")
@@ -170,7 +173,7 @@ def run(args, run_dir):
         check_run(run_dir, args, settings(model, args, bone), total_steps)
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field)
+                           response_field=args.response_field, template=args.sft_template)
 
     step_offset = args.epoch_begin * args.epoch_steps
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
@@ -250,6 +253,11 @@ def apply_peft(model, args, bone):
     if args.target_modules:
         config["target_modules"] = args.target_modules.split(",")
     bone.apply_adapters(model, bone.BoneConfig.from_dict(config))
+    for name, layer in bone.adapter_layers(model).items():
+        if layer.mode in ("bone", "bat") and layer.r > layer.in_features:   # its blocks would be mostly padding
+            raise ValueError(f"{layer.mode} r = {layer.r} is larger than the input size of {name} "
+                             f"({layer.in_features}): use r = {min(64, layer.in_features)} or another r up to "
+                             f"{layer.in_features}.")
 
 
 def check_quant(args):

@@ -3,26 +3,27 @@
 # Override from the environment: BASE=base.pth ADAPTER=adapter.pth OUTPUT=merged.pth
 # sh scripts/merge_bone.sh; extra arguments go to merge.py (--dtype fp32, --verify, --overwrite...).
 # With no BASE and no ADAPTER it merges the latest adapter of the demo run of scripts/run_bone.sh
-# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it.
+# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it. Relative paths
+# are read from where you stand.
 set -e
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
-    BASE=out/demo/base.pth
-    ADAPTER=$(ls out/demo/run/adapter-*.pth 2>/dev/null | sort | tail -n 1)
+    BASE=$ROOT/out/demo/base.pth
+    ADAPTER=$(ls "$ROOT"/out/demo/run/adapter-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth 2>/dev/null | sort | tail -n 1)
     if [ -z "$ADAPTER" ]; then
         echo "merge_bone.sh: no adapter in out/demo/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
         exit 1
     fi
-    OUTPUT=${OUTPUT:-out/demo/merged.pth}
+    OUTPUT=${OUTPUT:-$ROOT/out/demo/merged.pth}
     set -- --overwrite --verify --verify_prompt "Alice has 3 apples. Bob gives Alice" "$@"
 fi
 : "${BASE:?set BASE to the base model .pth}"
 : "${ADAPTER:?set ADAPTER to the adapter .pth written by train.py}"
 
-python merge.py \
+python "$ROOT/merge.py" \
     --base_model "$BASE" \
     --adapter "$ADAPTER" \
     --output "${OUTPUT:-${ADAPTER%.pth}-merged.pth}" \
-    --dtype "${DTYPE:-same}" \
+    --dtype "${DTYPE:-auto}" \
     "$@"

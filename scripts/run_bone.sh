@@ -1,16 +1,17 @@
 #!/bin/sh
 # Fine-tune an RWKV-6 checkpoint with Bone. Every setting below can be overridden from the
 # environment (MODEL=... DATA=... sh scripts/run_bone.sh); extra arguments go to train.py.
-# With no MODEL it runs the demo: a small base model and generated stories, made once in
-# out/demo, fine-tuned on whatever this machine has (CPU: a few minutes).
+# Relative paths are read from where you stand. With no MODEL it runs the demo: a small base
+# model and generated stories, made once in the repository's out/demo, fine-tuned on whatever
+# this machine has.
 set -e
-cd "$(dirname "$0")/.."
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ -z "$MODEL" ]; then
     DEMO=1
-    MODEL=$(python scripts/make_demo.py out/demo | tail -n 1)
-    DATA=${DATA:-out/demo/stories}
-    PROJ_DIR=${PROJ_DIR:-out/demo/run}
+    MODEL=$(python "$ROOT/scripts/make_demo.py" "$ROOT/out/demo" | tail -n 1)
+    DATA=${DATA:-$ROOT/out/demo/stories}
+    PROJ_DIR=${PROJ_DIR:-$ROOT/out/demo/run}
     CTX_LEN=${CTX_LEN:-128}
     MICRO_BSZ=${MICRO_BSZ:-8}
     EPOCH_STEPS=${EPOCH_STEPS:-20}
@@ -24,7 +25,7 @@ if [ -z "$MODEL" ]; then
 fi
 : "${DATA:?set DATA to a binidx prefix or a .jsonl file}"
 
-python train.py \
+python "$ROOT/train.py" \
     --load_model "$MODEL" \
     --data_file "$DATA" \
     --data_type "${DATA_TYPE:-binidx}" \
@@ -40,9 +41,16 @@ python train.py \
     --lr_final "${LR_FINAL:-2e-5}" \
     --lr_schedule "${LR_SCHEDULE:-cosine}" \
     --warmup_steps "${WARMUP_STEPS:-0}" \
+    --keep_last "${KEEP_LAST:-3}" \
+    --max_steps "${MAX_STEPS:-0}" \
+    --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" \
     --peft "${PEFT:-bone}" \
     --bone_r "${BONE_R:-64}" \
     --bone_mode "${BONE_MODE:-bone}" \
+    --lora_r "${LORA_R:-8}" \
+    --lora_alpha "${LORA_ALPHA:-16}" \
+    --target_modules "${TARGET_MODULES:-}" \
+    ${SFT_TEMPLATE:+--sft_template} ${SFT_TEMPLATE:+"$SFT_TEMPLATE"} \
     --train_parts "${TRAIN_PARTS:-}" \
     --grad_cp "${GRAD_CP:-0}" \
     --chunk_ctx "${CHUNK_CTX:-0}" \

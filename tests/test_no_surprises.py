@@ -312,3 +312,39 @@ def test_a_full_disk_is_said_and_leaves_nothing_partial(setup, small_disk):
     assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
     assert f"train.py: the disk is full ({out}): free some space, then run the same command with --resume" in output
     assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "run.json"]
+
+
+# --- the scripts -----------------------------------------------------------------------------------------
+
+def test_scripts_read_paths_from_where_the_user_stands(setup, tmp_path):
+    """run_bone.sh and merge_bone.sh from another directory with relative paths, and the
+    environment variables for options that had none (PEFT=lora with LORA_R, LORA_ALPHA,
+    TARGET_MODULES, KEEP_LAST, MAX_STEPS)."""
+    d, model = setup
+    for name in ("data.bin", "data.idx"):
+        os.symlink(d / name, tmp_path / name)
+    os.symlink(model, tmp_path / "base.pth")
+    env = dict(os.environ, MODEL="base.pth", DATA="data", PROJ_DIR="run", CTX_LEN="32", MICRO_BSZ="2",
+               EPOCH_STEPS="4", EPOCH_COUNT="3", MAX_STEPS="6", KEEP_LAST="1", PEFT="lora", LORA_R="4", LORA_ALPHA="8",
+               TARGET_MODULES="att.key,ffn.value", ACCELERATOR="cpu", STRATEGY="deepspeed_stage_1", LR_INIT="1e-3",
+               LR_FINAL="1e-3")
+    p = subprocess.run(["sh", os.path.join(ROOT, "scripts", "run_bone.sh")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "train.py: lora r=4 on att.key, ffn.value; 6 steps" in p.stdout
+    assert adapters(tmp_path / "run") == ["adapter-0000006.pth"]      # KEEP_LAST=1, MAX_STEPS=6
+    meta = load_state_dict(tmp_path / "run" / "adapter-0000006.pth")["__bone_meta__"]
+    assert meta["mode"] == "lora" and set(meta["r"].values()) == {4} and meta["lora_alpha"] == 8.0
+    env = dict(os.environ, BASE="base.pth", ADAPTER="run/adapter-0000006.pth", OUTPUT="merged.pth")
+    p = subprocess.run(["sh", os.path.join(ROOT, "scripts", "merge_bone.sh"), "--quiet"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and (tmp_path / "merged.pth").exists(), p.stderr
+
+
+def test_the_sft_template_reaches_the_data(tmp_path):
+    from src.data import make_dataset
+    from src.tokenizer import world_tokenizer
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "hi", "response": "there " * 20}) + "\n")
+    ds = make_dataset(str(tmp_path / "c.jsonl"), "sft", ctx_len=16, vocab_size=65536, seed=0,
+                      template="Q: {prompt}\nA: {response}")
+    assert "Q: hi\nA:" in world_tokenizer().decode([int(t) for t in ds.tokens[:8]])

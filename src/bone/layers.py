@@ -82,10 +82,6 @@ class BoneLinear(AdapterLinear):
     _linear = staticmethod(bone_linear)
 
     def __init__(self, base, r, name="", init_weights=True):
-        if r > base.in_features:
-            raise AdapterError(f"{self.mode} r = {r} is larger than the input size of {name or 'a module'} "
-                               f"({base.in_features}): use r = {min(64, base.in_features)} or another r up to "
-                               f"{base.in_features}.")
         super().__init__(base, r, name)
         self.bone = self._new("bone")
         if not init_weights:

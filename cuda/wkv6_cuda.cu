@@ -29,8 +29,9 @@
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #define WKV_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
+#define WKV_ALIGNED16(p) (p)
 #else
-#include "emu/cuda_emu.h"  // CPU emulation for the tests; defines WKV_LAUNCH
+#include "emu/cuda_emu.h"  // CPU emulation for the tests; defines WKV_LAUNCH, WKV_ALIGNED16
 #endif
 
 #include <stddef.h>
@@ -58,6 +59,14 @@ __device__ __forceinline__ size_t first_step(int T, int H)
 
 // Offset of this block's (b, h) matrix in a [B, H, N, N] tensor.
 __device__ __forceinline__ size_t matrix_offset() { return (size_t)blockIdx.x * _N_ * _N_; }
+
+// Four consecutive floats at a 16-byte-aligned address, shared or global, in one 128-bit load
+// (a misaligned one faults on the GPU; the emulation checks).
+static_assert(_N_ % 4 == 0, "the head size must be a multiple of 4");
+struct alignas(16) f4 {
+    float v[4];
+};
+__device__ __forceinline__ f4 load4(const float* p) { return *reinterpret_cast<const f4*>(WKV_ALIGNED16(p)); }
 
 // Steps per saved state in the backward pass: fewer saved states, but longer chunks to walk
 // and more shared memory (under the 48 KB a block gets without opting in).
@@ -156,9 +165,11 @@ __device__ void reverse_columns(
 }
 
 // Backward, first kernel: blockIdx.y = 0 reruns the forward pass to save states,
-// blockIdx.y = 1 computes gv; the two are independent and run side by side.
+// blockIdx.y = 1 computes gv; the two are independent and run side by side. Two blocks per
+// (b, h): at most 128 registers (8 blocks of 64 threads per SM) keeps B * H = 1024 in one
+// wave on an H100 (132 SMs); left alone it took 142-144 and fit 7. N = 128 needs its 255.
 template <typename F>
-__global__ void __launch_bounds__(_N_, 1) wkv6_backward_columns_kernel(
+__global__ void __launch_bounds__(_N_, _N_ <= 64 ? 8 : 1) wkv6_backward_columns_kernel(
     int T, int H, const F* __restrict__ r, const F* __restrict__ k, const F* __restrict__ v,
     const F* __restrict__ w, const float* __restrict__ u, const float* __restrict__ s0,
     const F* __restrict__ gy, const float* __restrict__ gs_end, float* __restrict__ saved,
@@ -181,17 +192,20 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
     float* __restrict__ gs0)
 {
     const int j = threadIdx.x, C = H * _N_;
-    // Read by every row: v and gy of the chunk's steps (padded, M reads them by column)
-    // and M[t][s] = gy_t . v_s. Column j of the others belongs to row j alone:
-    // k, d, Y[s] = G_t . v_s, and A[t] = gy_t . Sc (later r_t times the decay up to t).
-    __shared__ float v_[CHUNK][_N_ + 1], gy_[CHUNK][_N_ + 1], M[CHUNK][CHUNK];
-    __shared__ float k_[CHUNK][_N_], d_[CHUNK][_N_], Y[CHUNK][_N_], A[CHUNK][_N_];
+    // Read by every row: v and gy of the chunk's steps (rows padded to keep 16-byte alignment
+    // for 128-bit loads and to spread M's reads by column over the banks) and
+    // M[t][s] = gy_t . v_s. Column j of the others belongs to row j alone: r, k, d, exp(w),
+    // Y[s] = G_t . v_s, and A[t] = gy_t . Sc (later r_t times the decay up to t).
+    alignas(16) __shared__ float v_[CHUNK][_N_ + 4], gy_[CHUNK][_N_ + 4];
+    __shared__ float M[CHUNK][CHUNK];
+    __shared__ float r_[CHUNK][_N_], k_[CHUNK][_N_], d_[CHUNK][_N_], e_[CHUNK][_N_];
+    __shared__ float Y[CHUNK][_N_], A[CHUNK][_N_];
     const float uj = u[(blockIdx.x % H) * _N_ + j];
 
     float G[_N_];  // row j of G_t, t the last step not yet processed
     const size_t row = matrix_offset() + (size_t)j * _N_;
 #pragma unroll
-    for (int i = 0; i < _N_; i++) G[i] = gs_end[row + i];
+    for (int i = 0; i < _N_; i++) G[i] = gs_end[row + i];  // once: a caller's tensor, maybe unaligned
 
     const int n_chunks = (T + CHUNK - 1) / CHUNK;
     float gu = 0;
@@ -203,8 +217,11 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
             const size_t at = at0 + (size_t)tt * C;
             v_[tt][j] = to_f32(v[at]);
             gy_[tt][j] = to_f32(gy[at]);
+            r_[tt][j] = to_f32(r[at]);
             k_[tt][j] = to_f32(k[at]);
-            d_[tt][j] = expf(-expf(to_f32(w[at])));
+            const float ew = expf(to_f32(w[at]));
+            e_[tt][j] = ew;
+            d_[tt][j] = expf(-ew);
         }
         __syncthreads();
         for (int e = j; e < CHUNK * CHUNK; e += _N_) {
@@ -212,23 +229,35 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
             float m = 0;
             if (s <= t && t < len) {
 #pragma unroll
-                for (int i = 0; i < _N_; i++) m += gy_[t][i] * v_[s][i];
+                for (int i = 0; i < _N_; i += 4) {
+                    const f4 g = load4(&gy_[t][i]), x = load4(&v_[s][i]);
+#pragma unroll
+                    for (int q = 0; q < 4; q++) m += g.v[q] * x.v[q];
+                }
             }
             M[t][s] = m;
         }
 
-        // Sc = row j of the state before the chunk, saved by the first kernel (read through
-        // the cache, len + 1 times); Z = G_t . Sc.
+        // Sc = row j of the state before the chunk, saved by the first kernel (256-byte rows
+        // read as float4 through the cache, len + 1 times); Z = G_t . Sc.
         const float* Sc = saved + ((size_t)blockIdx.x * n_chunks + c) * _N_ * _N_ + (size_t)j * _N_;
         float Z = 0;
 #pragma unroll
-        for (int i = 0; i < _N_; i++) Z += G[i] * Sc[i];
+        for (int i = 0; i < _N_; i += 4) {
+            const f4 sc = load4(Sc + i);
+#pragma unroll
+            for (int q = 0; q < 4; q++) Z += G[i + q] * sc.v[q];
+        }
         for (int tt = 0; tt < len; tt++) {
             float y = 0, a = 0;
 #pragma unroll
-            for (int i = 0; i < _N_; i++) {
-                y += G[i] * v_[tt][i];
-                a += gy_[tt][i] * Sc[i];
+            for (int i = 0; i < _N_; i += 4) {
+                const f4 x = load4(&v_[tt][i]), g = load4(&gy_[tt][i]), sc = load4(Sc + i);
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    y += G[i + q] * x.v[q];
+                    a += g.v[q] * sc.v[q];
+                }
             }
             Y[tt][j] = y;
             A[tt][j] = a;
@@ -238,8 +267,7 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
         float gu_chunk = 0;
         for (int tt = len - 1; tt >= 0; tt--) {
             const size_t at = at0 + (size_t)tt * C;
-            const float rj = to_f32(r[at]), kj = k_[tt][j], dj = d_[tt][j];
-            const float ew = expf(to_f32(w[at]));
+            const float rj = r_[tt][j], kj = k_[tt][j], dj = d_[tt][j], ew = e_[tt][j];
             // S_{t-1} = (decay since the chunk start) Sc + sum_{s < t} (decay since s) k_s v_s
             float GS = 0, gyS = 0, decay = 1;  // G_t . S_{t-1},  gy_t . S_{t-1}
             for (int s = tt - 1; s >= 0; s--) {
@@ -264,14 +292,21 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
             A[tt][j] = rj * decay;
         }
         gu += gu_chunk;  // summed per chunk first: less rounding over long sequences
-        // G before the chunk = (decay over the chunk) G after it + sum_t (r_t decay up to t) gy_t.
+        // G before the chunk = (decay over the chunk) G after it + sum_t (r_t decay up to t) gy_t,
+        // step by step over t for all of G at once: gy_t's row is one 128-bit broadcast load per
+        // four elements of G, and A[t] is read once.
         float chunk_decay = 1;
         for (int tt = 0; tt < len; tt++) chunk_decay *= d_[tt][j];
 #pragma unroll
-        for (int i = 0; i < _N_; i++) {
-            float g = chunk_decay * G[i];
-            for (int tt = 0; tt < len; tt++) g += A[tt][j] * gy_[tt][i];
-            G[i] = g;
+        for (int i = 0; i < _N_; i++) G[i] *= chunk_decay;
+        for (int tt = 0; tt < len; tt++) {
+            const float a = A[tt][j];
+#pragma unroll
+            for (int i = 0; i < _N_; i += 4) {
+                const f4 g = load4(&gy_[tt][i]);
+#pragma unroll
+                for (int q = 0; q < 4; q++) G[i + q] += a * g.v[q];
+            }
         }
     }
 

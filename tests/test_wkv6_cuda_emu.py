@@ -4,28 +4,14 @@ import shutil
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from src.ops.wkv6_cuda import CUDA_DIR, wkv6_with
+from src.ops.wkv6_cuda import wkv6_with
 from src.ops.wkv6_reference import wkv6_reference
-from tests.wkv6_cuda_cases import assert_close, make_case, reference, relative_errors, run
+from tests import wkv6_cuda_fixture as fixture
+from tests.wkv6_cuda_cases import assert_close, build_emulation, make_case, reference, relative_errors, run
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None,
                                 reason="building the CPU emulation of the kernel needs c++ and ninja")
-
-
-def _build(head_size, directory):
-    name = f"wkv6_emu_n{head_size}"
-    cpp_extension.load(
-        name=name,
-        sources=[str(CUDA_DIR / "wkv6_op.cpp"), str(CUDA_DIR / "emu" / "wkv6_emu.cpp")],
-        # The emulation runs every CUDA thread as a host thread, so -O2 matters more than usual.
-        extra_cflags=["-O2", f"-D_N_={head_size}", "-DWKV6_EMULATE", "-Wall", "-Wextra", "-Werror",
-                      "-Wno-unknown-pragmas"],  # #pragma unroll is for nvcc
-        build_directory=str(directory),
-        is_python_module=False,
-    )
-    return getattr(torch.ops, name)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +21,7 @@ def emu_builds(tmp_path_factory):
 
     def get(head_size):
         if head_size not in cache:
-            cache[head_size] = _build(head_size, tmp_path_factory.mktemp(f"wkv6_emu_n{head_size}"))
+            cache[head_size] = build_emulation(head_size, tmp_path_factory.mktemp(f"wkv6_emu_n{head_size}"))
         return cache[head_size]
     return get
 
@@ -47,6 +33,7 @@ def emu_builds(tmp_path_factory):
     (2, 37, 2, 16),   # T prime: two full chunks and a partial one
     (1, 300, 1, 16),  # long enough for rounding to build up
     (1, 20, 2, 64),   # the production head size
+    (1, 19, 1, 128),  # N = 128: 8 steps per chunk
 ])
 def test_matches_reference(emu_builds, B, T, H, N, dtype):
     ops = emu_builds(N)
@@ -111,3 +98,15 @@ def test_binding_rejects_bad_arguments(emu_builds, change, message):
     change(case)
     with pytest.raises(RuntimeError, match=message):
         ops.forward(*(case[n] for n in ("r", "k", "v", "w", "u", "s0")))
+
+
+@pytest.mark.parametrize("name", list(fixture.CASES))
+def test_bit_identical_to_the_stored_kernel(emu_builds, name):
+    """The outputs and gradients of the kernel as stored in tests/data/wkv6_cuda_fixture.pt
+    (see tests/wkv6_cuda_fixture.py), bit for bit: the kernel's changes keep its arithmetic."""
+    stored = fixture.load()["cases"][name]
+    ops = emu_builds(stored["inputs"]["r"].shape[-1])
+    got = run(lambda *a: wkv6_with(ops, *a), stored["inputs"])
+    for output, want in stored["outputs"].items():
+        assert got[output].dtype == want.dtype and torch.equal(got[output], want), \
+            f"{name} {output}: max difference {(got[output].double() - want.double()).abs().max():.3g}"

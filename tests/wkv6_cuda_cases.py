@@ -1,6 +1,9 @@
-"""Inputs and the float64 comparison shared by tests/test_wkv6_cuda_emu.py and _gpu.py."""
+"""Inputs and the float64 comparison shared by tests/test_wkv6_cuda_emu.py and _gpu.py, and the
+CPU emulation build of the kernel."""
 import torch
+from torch.utils import cpp_extension
 
+from src.ops.wkv6_cuda import CUDA_DIR
 from src.ops.wkv6_reference import wkv6_reference
 
 NAMES = ("y", "s_end", "gr", "gk", "gv", "gw", "gu", "gs0")
@@ -52,3 +55,18 @@ def assert_close(got, want, dtype, label=""):
     """Every output and gradient within TOLERANCE[dtype] of the reference."""
     for name, error in relative_errors(got, want).items():
         assert error <= TOLERANCE[dtype], f"{label} {name}: max error is {error:.3g} of max |reference|"
+
+
+def build_emulation(head_size, directory):
+    """The real kernel source and binding compiled by g++ against cuda/emu/cuda_emu.h (CPU tensors)."""
+    name = f"wkv6_emu_n{head_size}"
+    cpp_extension.load(
+        name=name,
+        sources=[str(CUDA_DIR / "wkv6_op.cpp"), str(CUDA_DIR / "emu" / "wkv6_emu.cpp")],
+        # The emulation runs every CUDA thread as a host thread, so -O2 matters more than usual.
+        extra_cflags=["-O2", f"-D_N_={head_size}", "-DWKV6_EMULATE", "-Wall", "-Wextra", "-Werror",
+                      "-Wno-unknown-pragmas"],  # #pragma unroll is for nvcc
+        build_directory=str(directory),
+        is_python_module=False,
+    )
+    return getattr(torch.ops, name)

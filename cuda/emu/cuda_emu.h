@@ -5,13 +5,16 @@
 // __syncthreads() is a std::barrier over the block, and __shared__ variables are function
 // statics, which is per-block memory because only one block is alive at a time.
 // Only what wkv6_cuda.cu uses is here: no warps, atomics or dynamic shared memory.
+// A misaligned 128-bit load, which faults on a GPU but not on a CPU, raises an error.
 #pragma once
 
 #include <math.h>  // expf in the global namespace, as in CUDA
 
+#include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -59,6 +62,20 @@ inline __nv_bfloat16 __float2bfloat16(float f)
     return {hi};
 }
 
+// A 128-bit load from an address that is not 16-byte aligned faults on the GPU; here the
+// launch that made one throws (a RuntimeError in Python) once its threads are done.
+inline std::atomic<bool> emu_misaligned{false};
+
+template <typename T>
+T* emu_aligned16(T* p)
+{
+    if (reinterpret_cast<uintptr_t>(p) % 16 == 0) return p;
+    emu_misaligned = true;
+    alignas(16) static thread_local T stand_in[4] = {};  // the compiler's aligned loads would crash
+    return stand_in;
+}
+#define WKV_ALIGNED16(p) emu_aligned16(p)
+
 namespace emu {
 
 template <typename... Params>
@@ -85,6 +102,8 @@ struct Launch {
                             kernel(args...);
                         });
                     for (auto& t : threads) t.join();
+                    if (emu_misaligned.exchange(false))
+                        throw std::runtime_error("cuda_emu: a misaligned 128-bit load (it faults on a GPU)");
                 }
     }
 };

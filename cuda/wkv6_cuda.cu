@@ -282,7 +282,9 @@ __global__ void __launch_bounds__(_N_, 1) wkv6_backward_rows_kernel(
 
             gr[at] = from_f32<F>(gyS + uj * kj * gy_dot_v);
             gk[at] = from_f32<F>(Y[tt][j] + uj * rj * gy_dot_v);
-            gw[at] = from_f32<F>(-dj * GS * ew);  // d(d_t)/dw_t = -d_t exp(w_t)
+            // d(d_t)/dw_t = -d_t exp(w_t) = -exp(w_t - exp(w_t)): 0 once exp(w_t) overflows
+            // (w_t > 88.7), where the product would be 0 * inf = NaN; unchanged elsewhere.
+            gw[at] = from_f32<F>(ew < INFINITY ? -dj * GS * ew : 0.f);
             gu_chunk += rj * kj * gy_dot_v;
 
             // One step back, G_{t-1} = d_t G_t + r_t gy_t: for the dot products of G now,

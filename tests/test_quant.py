@@ -225,7 +225,7 @@ def test_merge_quant_nf4_is_the_rounded_base_plus_the_update(tmp_path, mode):
     for quant in ("nf4", "none"):
         out = tmp_path / f"merged-{quant}.pth"
         assert merge.main(["--base_model", base, "--adapter", str(adapter), "--output", str(out), "--quiet",
-                           "--quant", quant]) is None
+                           "--quant", quant, "--dtype", "fp32"]) is None
         merged = load_state_dict(out)
         assert list(merged) == list(base_sd)
         for k, w in base_sd.items():

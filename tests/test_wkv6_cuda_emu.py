@@ -110,3 +110,18 @@ def test_bit_identical_to_the_stored_kernel(emu_builds, name):
     for output, want in stored["outputs"].items():
         assert got[output].dtype == want.dtype and torch.equal(got[output], want), \
             f"{name} {output}: max difference {(got[output].double() - want.double()).abs().max():.3g}"
+
+
+def test_decay_gradient_is_finite_where_exp_w_overflows(emu_builds):
+    """w > 88.7: exp(w) is inf in fp32 and d = 0; the decay gradient -exp(w - exp(w)) * ... is 0
+    there (as in the float64 reference, to fp32's range), never 0 * inf = NaN, and the other
+    gradients still match the reference."""
+    ops = emu_builds(16)
+    case = make_case(1, 24, 1, 16, torch.float32, seed=3)
+    case["w"][0, 5:9, 0, :4] = 90.0
+    got = run(lambda *a: wkv6_with(ops, *a), case)
+    truth = reference(case)
+    for name, value in got.items():
+        assert torch.isfinite(value).all(), name
+    assert (got["gw"][0, 5:9, 0, :4] == 0).all() and truth["gw"][0, 5:9, 0, :4].abs().max() < 1e-30
+    assert_close(got, truth, torch.float32, label="w = 90 in places")

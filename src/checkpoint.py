@@ -2,10 +2,12 @@
 import ctypes
 import functools
 import io
+import json
 import math
 import mmap
 import os
 import pickle
+import socket
 import sys
 import tempfile
 from collections import OrderedDict
@@ -52,6 +54,42 @@ def pid_alive(pid):
     except PermissionError:     # someone else's live process
         return True
     return True
+
+
+def take_pid_lock(path, say=print):
+    """Create the lock file `path` holding this process's pid and host. Returns None when taken,
+    else the owner ({"pid", "host"}, or {} when unreadable) of a lock held by a live process; a
+    lock whose process is gone (same host) is stale: removed, said, and taken."""
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    owner = json.load(f)
+            except FileNotFoundError:
+                continue        # released in between: try again
+            except (OSError, ValueError):
+                return {}
+            if owner.get("host") == me["host"] and not pid_alive(owner.get("pid", -1)):
+                os.remove(path)
+                say(f"removed the stale lock {path} (pid {owner.get('pid')} is no longer running)")
+                continue
+            return owner
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+
+
+def release_pid_lock(path):
+    """Remove `path` if this process holds it."""
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") == os.getpid():
+                os.remove(path)
+    except (OSError, ValueError):
+        pass
 
 
 def clean_stale_temporaries(path, say=print):

@@ -164,7 +164,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_removed(setup, tmp_path):
     (out / ".resume-tmp").mkdir()
     (out / ".resume-tmp" / "part").write_text("half a resume point")
     output = run_train(setup, out, "--strategy", "deepspeed_stage_2", steps=8)
-    assert f"removed the stale lock of an earlier run (pid {dead.pid}, no longer running)" in output
+    assert f"removed the stale lock {out}/.lock (pid {dead.pid} is no longer running)" in output
     assert "left by an interrupted run" in output
     assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "resume", "run.json"]
 

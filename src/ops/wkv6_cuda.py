@@ -2,22 +2,32 @@
 
 The first call for a given head size and GPU architecture compiles cuda/wkv6_op.cpp and
 cuda/wkv6_cuda.cu with torch.utils.cpp_extension (ninja + nvcc) into a cache directory,
-by default ~/.cache/rwkv6_bone/wkv6/N{head size}_sm{arch}_torch{version}; set
-RWKV6_WKV6_CACHE (read at call time) or pass build_dir to put it elsewhere. Later runs
-reuse the build. There is no silent fallback: if the kernel cannot be built or the
-tensors are not on a GPU, a WKV6CudaError says so and points to `--op cpu`.
+by default ~/.cache/rwkv6_bone/wkv6/N{head size}_sm{arch}_torch{version}_{hash}, the hash
+being of the sources and flags (two checkouts sharing the cache never load each other's
+build); set RWKV6_WKV6_CACHE (read at call time) or pass build_dir to put it elsewhere.
+Later runs load the built library directly (no toolchain needed). A builder holds
+`builder.lock` (its pid) in that directory: a build killed midway leaves it and torch's
+`lock`, which the next run removes, saying so; a live build is waited for, naming the file.
+There is no silent fallback: if the kernel cannot be built or the tensors are not on a GPU,
+a WKV6CudaError says so and points to `--op cpu`.
 """
+import hashlib
 import os
 import re
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 from torch.utils import cpp_extension
 
+from ..checkpoint import release_pid_lock, take_pid_lock
+
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
+SOURCES = ("wkv6_op.cpp", "wkv6_cuda.cu")
 CACHE_ENV = "RWKV6_WKV6_CACHE"
 DEFAULT_CACHE = Path("~/.cache/rwkv6_bone/wkv6")
 
@@ -96,7 +106,6 @@ def check_toolchain():
 
 def load_extension(head_size, device=None, build_dir=None):
     """Build (first time) or load the kernels for this head size and the GPU of `device`."""
-    check_toolchain()
     major, minor = torch.cuda.get_device_capability(device)
     arch = f"{major}{minor}"
     key = (head_size, arch)
@@ -106,23 +115,67 @@ def load_extension(head_size, device=None, build_dir=None):
         return _modules[key]
 
 
+def build_flags(head_size):
+    return {"extra_cflags": ["-O2", f"-D_N_={head_size}"],
+            "extra_cuda_cflags": ["-O3", "-Xptxas", "-O3", f"-D_N_={head_size}"]}
+
+
+def build_directory(root, head_size, arch):
+    """root/N{N}_sm{arch}_torch{version}_{hash of the sources and flags}."""
+    digest = hashlib.sha256(repr(sorted(build_flags(head_size).items())).encode())
+    for name in SOURCES:
+        digest.update((CUDA_DIR / name).read_bytes())
+    torch_version = re.sub(r"[^0-9A-Za-z.]", "_", torch.__version__)
+    return Path(root) / f"N{head_size}_sm{arch}_torch{torch_version}_{digest.hexdigest()[:12]}"
+
+
+def _say(message):
+    print(f"wkv6 cuda: {message}", file=sys.stderr, flush=True)
+
+
+def _take_builder_lock(directory, wait_seconds=1.0):
+    """Hold directory/builder.lock: wait (saying which file) while a live process builds there;
+    a dead builder's lock and the `lock` file torch's build leaves behind are removed."""
+    path, said = directory / "builder.lock", False
+    while True:
+        owner = take_pid_lock(str(path), say=_say)
+        if owner is None:
+            break
+        if not said:
+            _say(f"waiting for the build in progress by pid {owner.get('pid')} (lock file {path})")
+            said = True
+        time.sleep(wait_seconds)
+    stale = directory / "lock"    # torch's FileBaton: nobody else is building now, so it is left over
+    if stale.exists():
+        stale.unlink()
+        _say(f"removed {stale}, left by a build that was interrupted")
+    return path
+
+
 def _build(head_size, arch, root):
     name = f"wkv6_n{head_size}_sm{arch}"
-    directory = root / f"N{head_size}_sm{arch}_torch{re.sub(r'[^0-9A-Za-z.]', '_', torch.__version__)}"
+    directory = build_directory(root, head_size, arch)
     directory.mkdir(parents=True, exist_ok=True)
+    library = directory / f"{name}.so"
+    lock = _take_builder_lock(directory)
+    try:
+        if library.exists():           # built before from these very sources and flags
+            torch.ops.load_library(str(library))
+            return getattr(torch.ops, name)
+        check_toolchain()
+        _compile(name, head_size, arch, directory)
+        return getattr(torch.ops, name)
+    finally:
+        release_pid_lock(str(lock))
+
+
+def _compile(name, head_size, arch, directory):
     # Build for exactly this GPU; torch reads the architecture list from the environment.
     saved = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = f"{arch[:-1]}.{arch[-1]}"
     try:
-        cpp_extension.load(
-            name=name,
-            sources=[str(CUDA_DIR / "wkv6_op.cpp"), str(CUDA_DIR / "wkv6_cuda.cu")],
-            extra_cflags=["-O2", f"-D_N_={head_size}"],
-            extra_cuda_cflags=["-O3", "-Xptxas", "-O3", f"-D_N_={head_size}"],
-            build_directory=str(directory),
-            is_python_module=False,
-            verbose=False,
-        )
+        cpp_extension.load(name=name, sources=[str(CUDA_DIR / s) for s in SOURCES], build_directory=str(directory),
+                           is_python_module=False, verbose=False, **build_flags(head_size))
     except Exception as error:
         summary = (str(error).strip().splitlines() or [type(error).__name__])[0]
         summary = summary if len(summary) <= 120 else summary[:117] + "..."
@@ -134,4 +187,3 @@ def _build(head_size, arch, root):
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
         else:
             os.environ["TORCH_CUDA_ARCH_LIST"] = saved
-    return getattr(torch.ops, name)

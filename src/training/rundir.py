@@ -13,9 +13,8 @@ import json
 import os
 import re
 import shutil
-import socket
 
-from ..checkpoint import pid_alive, atomic_write, clean_stale_temporaries
+from ..checkpoint import atomic_write, clean_stale_temporaries, release_pid_lock, take_pid_lock
 
 ADAPTER_NAME = re.compile(r"adapter-(\d{7})\.pth$")     # not adapter-STEP-merged.pth beside them
 RUN_FILES = ("log.csv", "loss.png", "run.json", "resume", "resume.old")
@@ -47,35 +46,16 @@ class RunDir:
         self.locked = False
 
     def lock(self, say=print):
-        me = {"pid": os.getpid(), "host": socket.gethostname()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._lock_owner()
-                if owner and owner.get("host") == me["host"] and not pid_alive(owner.get("pid", -1)):
-                    os.remove(self.lock_path)
-                    say(f"removed the stale lock of an earlier run (pid {owner['pid']}, no longer running) in {self.proj_dir}")
-                    continue
-                who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
-                raise ValueError(f"Another run ({who}) is using {self.proj_dir}: wait for it, or choose another "
-                                 f"--proj_dir (if no run is going on, delete {self.lock_path}).") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.locked = True
-            return
-        raise ValueError(f"Could not take the lock {self.lock_path}: another run keeps making it; try again.")
-
-    def _lock_owner(self):
-        try:
-            with open(self.lock_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
+        owner = take_pid_lock(self.lock_path, say=say)
+        if owner is not None:
+            who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+            raise ValueError(f"Another run ({who}) is using {self.proj_dir}: wait for it, or choose another "
+                             f"--proj_dir (if no run is going on, delete {self.lock_path}).")
+        self.locked = True
 
     def unlock(self):
-        if self.locked and self._lock_owner() == {"pid": os.getpid(), "host": socket.gethostname()}:
-            os.remove(self.lock_path)
+        if self.locked:
+            release_pid_lock(self.lock_path)
         self.locked = False
 
     def earlier_run(self):

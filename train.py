@@ -7,7 +7,6 @@ Example (one GPU):
 """
 import argparse
 import contextlib
-import json
 import os
 import sys
 

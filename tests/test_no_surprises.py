@@ -1,7 +1,6 @@
 """Ordinary use without surprises: every file protected, every input checked up front (one
 sentence, exit != 0, no traceback, the directories involved unchanged, nothing left behind), the
 user told what happened. Item by item, as issue 13 lists them."""
-import csv
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -136,7 +134,7 @@ def test_resume_compares_settings_and_knows_a_finished_run(setup, tmp_path):
     # What the user sees: the start line, the progress line, the summary; no third-party noise.
     assert "train.py: bone r=16 on att.gate, att.key, att.output" in output
     assert re.search(r"epoch 2/2: 100%\|.*\| 16/16 .*loss \d\.\d{3}, lr 0.01, [\d.]+k? tokens/s", output), output
-    assert f"done: 16 steps, final loss " in output and f"last adapter {out}/adapter-0000016.pth" in output
+    assert "done: 16 steps, final loss " in output and f"last adapter {out}/adapter-0000016.pth" in output
     assert f"merge it with: python merge.py --base_model {setup[1]} --adapter {out}/adapter-0000016.pth" in output
     for noise in ("unreliable results", "weights_only", "litlogger", "LeafSpec"):
         assert noise not in output, noise

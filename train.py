@@ -64,6 +64,14 @@ def parse_args(argv=None):
                                       "dequantized per use; the adapters train in full precision on top")
     a("--seed", type=int, default=42, help="seed for the adapters' init and the data sampling")
     a("--max_steps", type=int, default=0, help="stop after this many steps in all (0: epoch_count * epoch_steps)")
+    # Watching a run: held-out loss and loggers.
+    a("--val_data", default=None, help="validation data, of --data_type like --data_file")
+    a("--val_split", type=float, default=0.0, help="hold this fraction of --data_file's documents out of training, "
+                                                   "for validation (instead of --val_data)")
+    a("--val_every", type=int, default=0, help="validation loss every N steps and at the end (0: every epoch)")
+    a("--val_tokens", type=int, default=65536, help="validation budget: the same ctx_len windows, this many tokens, every time")
+    a("--logger", default="csv", help="csv | tensorboard | wandb (log.csv and loss.png are written in every case; "
+                                      "wandb runs offline under WANDB_MODE=offline)")
     return p.parse_args(argv)
 
 
@@ -100,6 +108,7 @@ def run(args):
         raise ValueError(f"--chunk_ctx {args.chunk_ctx} is negative: give a chunk length in tokens, or 0 for off.")
     strategy = make_strategy(args.strategy, accelerator)
     check_quant(args)
+    logger = make_logger(args.logger, args.proj_dir)
     pl.seed_everything(args.seed, workers=True)
 
     model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
@@ -127,7 +136,7 @@ def run(args):
     trainer = pl.Trainer(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                          precision={"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[precision],
                          max_steps=total_steps, accumulate_grad_batches=args.accumulate_grad_batches,
-                         callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         callbacks=callbacks, logger=logger, enable_checkpointing=False,
                          use_distributed_sampler=False, log_every_n_steps=1, num_sanity_val_steps=0)
 
     def train_dataloader():
@@ -191,6 +200,24 @@ def check_quant(args):
             raise ValueError(f"--quant {args.quant} holds the frozen base quantized under adapters, but --peft none "
                              "trains the base weights themselves: use --peft bone (or lora), or drop --quant.")
         bnb_functional()    # bitsandbytes missing or too old: one sentence now, not after loading the model
+
+
+def make_logger(name, proj_dir):
+    """--logger: csv is log.csv and loss.png alone (TrainLog writes those in every case);
+    tensorboard and wandb also receive every logged value, through Lightning's loggers."""
+    import importlib.util
+    if name == "csv":
+        return False
+    if name not in ("tensorboard", "wandb"):
+        raise ValueError(f"Unknown --logger {name!r}: choose csv, tensorboard or wandb.")
+    if importlib.util.find_spec(name) is None:
+        raise ValueError(f"--logger {name} needs the {name} package, which is not installed: "
+                         f"pip install {name}, or use --logger csv.")
+    from pytorch_lightning import loggers
+    if name == "tensorboard":    # one folder, so a resumed run's events join the killed run's
+        return loggers.TensorBoardLogger(proj_dir, name="tensorboard", version="", default_hp_metric=False)
+    return loggers.WandbLogger(save_dir=proj_dir, project=os.environ.get("WANDB_PROJECT", "rwkv-bone"),
+                               offline=os.environ.get("WANDB_MODE") in ("offline", "dryrun"))
 
 
 def resume_point(args):

@@ -78,6 +78,7 @@ class TrainLog(pl.Callback):
         pl_module.log_dict({"loss": loss, "lr": self.schedule.lr, "kt/s": tokens_per_s / 1000},
                            prog_bar=True, on_step=True, rank_zero_only=True)
         step = trainer.global_step
+        pl_module.log("step", float(step), on_step=True, rank_zero_only=True)   # the loggers' x axis: log.csv's step
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
                           "tokens_per_s": f"{tokens_per_s:.1f}"})
         if trainer.is_global_zero and step % self.write_every == 0:

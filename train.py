@@ -98,6 +98,7 @@ def run(args):
     from src.training.sampler import StepSampler
     from src.training.schedule import learning_rate
     from src.training.strategy import make_strategy
+    from src.training.validation import Validation, check_args as validation_args, validation_dataset, window_count
     from src import bone
 
     precision = {"auto": "bf16" if accelerator == "gpu" else "fp32"}.get(args.precision, args.precision)
@@ -109,6 +110,7 @@ def run(args):
     strategy = make_strategy(args.strategy, accelerator)
     check_quant(args)
     logger = make_logger(args.logger, args.proj_dir)
+    validation_args(args)
     pl.seed_everything(args.seed, workers=True)
 
     model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
@@ -117,7 +119,10 @@ def run(args):
     apply_peft(model, args, bone)
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field)
+                           response_field=args.response_field, val_split=args.val_split)
+    val_dataset = validation_dataset(args, model.config.vocab_size)
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+    rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps
     total_steps = args.max_steps or args.epoch_count * args.epoch_steps
@@ -126,10 +131,14 @@ def run(args):
                            chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
     world = args.devices * args.num_nodes
     schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
+    validation = [] if val_dataset is None else [Validation(
+        val_dataset, window_count(val_dataset, args.val_tokens, args.ctx_len, world), args.val_every or args.epoch_steps,
+        args.micro_bsz, module.chunk_ctx)]
     callbacks = [
         schedule,
+        *validation,    # before TrainLog, which writes this step's validation loss
         TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
-                 args.epoch_steps),
+                 args.epoch_steps, val_losses=validation[0].losses if validation else None),
         Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
                      args.keep_last),
     ] + ([QuantizeBase(args.quant)] if args.quant != "none" else [])

@@ -14,7 +14,7 @@ import torch
 from ..checkpoint import atomic_write
 from .schedule import learning_rate
 
-LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s")
+LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s", "val_loss")
 
 
 def optimizer_stepped(trainer, batch_idx):
@@ -52,7 +52,8 @@ class TrainLog(pl.Callback):
     """Loss, lr and thousands of tokens/s on the progress bar; a CSV row per step (proj_dir/log.csv);
     the loss curve as proj_dir/loss.png at the end of each epoch. Both files written atomically."""
 
-    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, write_every=10):
+    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, write_every=10, val_losses=None):
+        self.val_losses = {} if val_losses is None else val_losses   # step -> loss, filled by Validation
         self.csv_path = os.path.join(proj_dir, "log.csv")
         self.png_path = os.path.join(proj_dir, "loss.png")
         self.schedule, self.tokens_per_step = schedule, tokens_per_step
@@ -80,7 +81,8 @@ class TrainLog(pl.Callback):
         step = trainer.global_step
         pl_module.log("step", float(step), on_step=True, rank_zero_only=True)   # the loggers' x axis: log.csv's step
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
-                          "tokens_per_s": f"{tokens_per_s:.1f}"})
+                          "tokens_per_s": f"{tokens_per_s:.1f}",
+                          "val_loss": f"{self.val_losses[step]:.6f}" if step in self.val_losses else ""})
         if trainer.is_global_zero and step % self.write_every == 0:
             self.write_csv()
         if trainer.is_global_zero and step % self.epoch_steps == 0:
@@ -106,7 +108,11 @@ class TrainLog(pl.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot([int(r["step"]) for r in self.rows], [float(r["loss"]) for r in self.rows], lw=1)
+        ax.plot([int(r["step"]) for r in self.rows], [float(r["loss"]) for r in self.rows], lw=1, label="training")
+        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
+        if val:
+            ax.plot(*zip(*val), "o-", lw=1, ms=3, label="validation")
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("training loss")

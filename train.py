@@ -90,6 +90,7 @@ def run(args):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import pytorch_lightning as pl
     import torch
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     from src.model import RWKV6
     from src.data import make_dataset
@@ -121,7 +122,6 @@ def run(args):
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
                            response_field=args.response_field, val_split=args.val_split)
     val_dataset = validation_dataset(args, model.config.vocab_size)
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps

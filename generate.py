@@ -4,7 +4,7 @@ through its state; the continuation streams to stdout. Sampling options mean wha
 the `rwkv` package's PIPELINE_ARGS (and default to its values); --temperature 0 is greedy.
 
     python generate.py --model RWKV-x060-World-1B6.pth --adapter out/bone/adapter-0001000.pth \\
-        --prompt "User: hi\\n\\nAssistant:" --max_tokens 200 --temperature 1 --top_p 0.3
+        --prompt_file prompt.txt --max_tokens 200 --temperature 1 --top_p 0.3
 """
 import argparse
 import os

@@ -50,6 +50,8 @@ def main(argv=None):
         sys.exit(f"generate.py: {e}")
     except BrokenPipeError:     # `generate.py ... | head`: the reader has all it wanted
         sys.stderr.close()
+    except KeyboardInterrupt:   # Ctrl-C ends the text, not with a traceback
+        sys.exit("\ngenerate.py: interrupted.")
 
 
 def run(args):

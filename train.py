@@ -74,6 +74,14 @@ def parse_args(argv=None):
                                       "dequantized per use; the adapters train in full precision on top")
     a("--seed", type=int, default=42, help="seed for the adapters' init and the data sampling")
     a("--max_steps", type=int, default=0, help="stop after this many steps in all (0: epoch_count * epoch_steps)")
+    # Watching a run: held-out loss and loggers.
+    a("--val_data", default=None, help="validation data, of --data_type like --data_file")
+    a("--val_split", type=float, default=0.0, help="hold this fraction of --data_file's documents out of training, "
+                                                   "for validation (instead of --val_data)")
+    a("--val_every", type=int, default=0, help="validation loss every N steps and at the end (0: every epoch)")
+    a("--val_tokens", type=int, default=65536, help="validation budget: the same ctx_len windows, this many tokens, every time")
+    a("--logger", default="csv", help="csv | tensorboard | wandb (log.csv and loss.png are written in every case; "
+                                      "wandb runs offline under WANDB_MODE=offline)")
     return p.parse_args(argv)
 
 
@@ -132,6 +140,9 @@ def check_args(args):
     from src.training.strategy import make_strategy
     make_strategy(args.strategy, accelerator)      # refuses an unknown strategy now
     check_quant(args)
+    check_logger(args.logger)
+    from src.training.validation import check_args as check_validation
+    check_validation(args)
     if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
         flag = "--op cuda" if args.op == "cuda" else "--accelerator gpu"
         raise ValueError(f"{flag} needs a CUDA GPU, but PyTorch sees none here: use --op cpu --accelerator cpu "
@@ -142,6 +153,7 @@ def run(args, run_dir):
     accelerator = resolve_accelerator(args.accelerator)
     import pytorch_lightning as pl
     import torch
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     from src.training import noise
     noise.silence()
@@ -153,12 +165,14 @@ def run(args, run_dir):
     from src.training.module import RWKVLightning
     from src.training.sampler import StepSampler
     from src.training.strategy import make_strategy
+    from src.training.validation import Validation, validation_dataset, window_count
     from src import bone
 
     precision = {"auto": "bf16" if accelerator == "gpu" else "fp32"}.get(args.precision, args.precision)
     strategy = make_strategy(args.strategy, accelerator)
     total_steps = args.max_steps or args.epoch_count * args.epoch_steps
     resume = resume_point(args) if args.resume else None
+    logger = make_logger(args.logger, args.proj_dir)
     pl.seed_everything(args.seed, workers=True)
 
     model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
@@ -172,7 +186,9 @@ def run(args, run_dir):
         check_run(run_dir, args, settings(model, args, bone), total_steps)
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field, template=args.sft_template)
+                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
+    val_dataset = validation_dataset(args, model.config.vocab_size)
+    rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
@@ -180,20 +196,24 @@ def run(args, run_dir):
                            chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
     world = args.devices * args.num_nodes
     schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
+    validation = [] if val_dataset is None else [Validation(
+        val_dataset, window_count(val_dataset, args.val_tokens, args.ctx_len, world), args.val_every or args.epoch_steps,
+        args.micro_bsz, module.chunk_ctx)]
     log = TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
-                   args.epoch_steps, total_steps, args.epoch_begin)
+                   args.epoch_steps, total_steps, args.epoch_begin, val_losses=validation[0].losses if validation else None)
     saver = Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
                          args.keep_last, args.save_every_minutes,
                          on_saved=(lambda step: run_dir.record(resume_step=step)) if run_dir else None)
     callbacks = [
         schedule,
+        *validation,    # before TrainLog, which writes this step's validation loss
         log,
         saver,
     ] + ([QuantizeBase(args.quant)] if args.quant != "none" else [])
     trainer = pl.Trainer(accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy,
                          precision={"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[precision],
                          max_steps=total_steps, accumulate_grad_batches=args.accumulate_grad_batches,
-                         callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
                          use_distributed_sampler=False, log_every_n_steps=1, num_sanity_val_steps=0)
 
     def train_dataloader():
@@ -316,6 +336,29 @@ def check_run(run_dir, args, now, total_steps):
             raise ValueError(f"--resume: the run in {args.proj_dir} already finished at step {done}: to train further, "
                              f"raise --epoch_count or --max_steps beyond {done}.")
     run_dir.record(settings=now, total_steps=total_steps)
+
+
+def check_logger(name):
+    """--logger names one we know, and its package is installed (one sentence otherwise)."""
+    import importlib.util
+    if name not in ("csv", "tensorboard", "wandb"):
+        raise ValueError(f"Unknown --logger {name!r}: choose csv, tensorboard or wandb.")
+    if name != "csv" and importlib.util.find_spec(name) is None:
+        raise ValueError(f"--logger {name} needs the {name} package, which is not installed: "
+                         f"pip install {name}, or use --logger csv.")
+    return name
+
+
+def make_logger(name, proj_dir):
+    """--logger: csv is log.csv and loss.png alone (TrainLog writes those in every case);
+    tensorboard and wandb also receive every logged value, through Lightning's loggers."""
+    if check_logger(name) == "csv":
+        return False
+    from pytorch_lightning import loggers
+    if name == "tensorboard":    # one folder, so a resumed run's events join the killed run's
+        return loggers.TensorBoardLogger(proj_dir, name="tensorboard", version="", default_hp_metric=False)
+    return loggers.WandbLogger(save_dir=proj_dir, project=os.environ.get("WANDB_PROJECT", "rwkv-bone"),
+                               offline=os.environ.get("WANDB_MODE") in ("offline", "dryrun"))
 
 
 def resume_point(args):

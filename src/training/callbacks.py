@@ -15,7 +15,7 @@ from ..checkpoint import atomic_write
 from .rundir import run_adapters
 from .schedule import learning_rate
 
-LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s")
+LOG_FIELDS = ("step", "loss", "lr", "tokens_per_s", "val_loss")
 
 
 def optimizer_stepped(trainer, batch_idx):
@@ -54,7 +54,8 @@ class TrainLog(pl.Callback):
     (proj_dir/log.csv, rewritten atomically after every step, so an interrupted run's log holds
     every step up to its resume point) and the loss curve (proj_dir/loss.png) at each epoch end."""
 
-    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0):
+    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0, val_losses=None):
+        self.val_losses = {} if val_losses is None else val_losses   # step -> loss, filled by Validation
         self.csv_path = os.path.join(proj_dir, "log.csv")
         self.png_path = os.path.join(proj_dir, "loss.png")
         self.schedule, self.tokens_per_step = schedule, tokens_per_step
@@ -86,13 +87,18 @@ class TrainLog(pl.Callback):
         tokens_per_s = self.tokens_per_step / (now - self.last_time)
         self.last_time = now
         step = trainer.global_step
+        pl_module.log_dict({"loss": loss, "lr": self.schedule.lr, "tokens_per_s": tokens_per_s},
+                           on_step=True, rank_zero_only=True)      # for --logger tensorboard / wandb
+        pl_module.log("step", float(step), on_step=True, rank_zero_only=True)   # the loggers' x axis: log.csv's step
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
-                          "tokens_per_s": f"{tokens_per_s:.1f}"})
+                          "tokens_per_s": f"{tokens_per_s:.1f}",
+                          "val_loss": f"{self.val_losses[step]:.6f}" if step in self.val_losses else ""})
         if not trainer.is_global_zero:
             return
+        last_val = self.val_losses[max(self.val_losses)] if self.val_losses else None
         self.bar.set_description(self.epoch_label(step - 1), refresh=False)
-        self.bar.set_postfix_str(f"loss {loss:#.4g}, lr {self.schedule.lr:.3g}, {readable_rate(tokens_per_s)}",
-                                 refresh=False)
+        self.bar.set_postfix_str(f"loss {loss:#.4g}" + (f", val_loss {last_val:#.4g}" if last_val is not None else "")
+                                 + f", lr {self.schedule.lr:.3g}, {readable_rate(tokens_per_s)}", refresh=False)
         self.bar.update(1)
         self.write_csv()
         if step % self.epoch_steps == 0:
@@ -122,7 +128,11 @@ class TrainLog(pl.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot([int(r["step"]) for r in self.rows], [float(r["loss"]) for r in self.rows], lw=1)
+        ax.plot([int(r["step"]) for r in self.rows], [float(r["loss"]) for r in self.rows], lw=1, label="training")
+        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
+        if val:
+            ax.plot(*zip(*val), "o-", lw=1, ms=3, label="validation")
+            ax.legend()
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("training loss")

@@ -1,0 +1,114 @@
+"""Continue a prompt with an RWKV-6 World model: a base with the adapter train.py wrote (no merge
+needed), or a merged file. The prompt is read once, then the model runs one token at a time
+through its state; the continuation streams to stdout. Sampling options mean what they mean in
+the `rwkv` package's PIPELINE_ARGS (and default to its values); --temperature 0 is greedy.
+
+    python generate.py --model RWKV-x060-World-1B6.pth --adapter out/bone/adapter-0001000.pth \\
+        --prompt_file prompt.txt --max_tokens 200 --temperature 1 --top_p 0.3
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def ids(text):
+    return tuple(int(i) for i in text.split(",") if i.strip())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", required=True, help="the base .pth (with --adapter), or a merged one")
+    a("--adapter", default=None, help="an adapter file from train.py (adapter-STEP.pth), applied to --model")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt_file", help="a UTF-8 text file holding the prompt")
+    a("--max_tokens", type=int, default=200, help="generate at most this many tokens")
+    a("--temperature", type=float, default=1.0, help="0: greedy; below 1 sharper, above 1 flatter")
+    a("--top_p", type=float, default=0.85, help="sample among the most likely tokens that together reach this probability")
+    a("--top_k", type=int, default=0, help="sample among at most this many tokens (0: no limit)")
+    a("--alpha_presence", type=float, default=0.2, help="penalty on any token already generated")
+    a("--alpha_frequency", type=float, default=0.2, help="penalty per earlier occurrence (decayed by --alpha_decay per token)")
+    a("--alpha_decay", type=float, default=0.996, help="how fast occurrences are forgotten")
+    a("--token_ban", type=ids, default=(), help="comma-separated token ids never to generate")
+    a("--token_stop", type=ids, default=(0,), help="comma-separated ids that end the text (default 0, the end-of-document "
+                                                 "token train.py's data puts after every document; '' for none)")
+    a("--seed", type=int, default=None, help="seed the sampling: the same seed gives the same text (default: random)")
+    a("--device", default="auto", help="cpu | cuda | auto (cuda when there is a GPU)")
+    a("--op", default="auto", help="WKV6 implementation: auto | cuda | cpu")
+    a("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU, fp32 on the CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # checkpoint, adapter and argument errors are one sentence
+        sys.exit(f"generate.py: {e}")
+    except BrokenPipeError:     # `generate.py ... | head`: the reader has all it wanted
+        sys.stderr.close()
+    except KeyboardInterrupt:   # Ctrl-C ends the text, not with a traceback
+        sys.exit("\ngenerate.py: interrupted.")
+
+
+def run(args):
+    import torch
+
+    from src.checkpoint import DTYPES, load_checkpoint
+    from src.generation import WORLD_VOCAB, generate, load_model, model_step, stream_text, world_sampler
+    from src.sampling import SamplingArgs
+    from src.tokenizer import world_tokenizer
+
+    sampling = SamplingArgs(args.temperature, args.top_p, args.top_k, args.alpha_presence, args.alpha_frequency,
+                            args.alpha_decay, args.token_ban).check()
+    if args.max_tokens < 1:
+        raise ValueError(f"--max_tokens {args.max_tokens} generates nothing: give 1 or more.")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"Unknown --device {args.device!r}: choose cpu, cuda or auto.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but PyTorch sees no GPU here: use --device cpu.")
+    dtype = {"auto": "bf16" if device == "cuda" else "fp32"}.get(args.dtype, args.dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown --dtype {args.dtype!r}: choose fp32, bf16, fp16 or auto.")
+    if args.prompt_file is not None:
+        if not os.path.isfile(args.prompt_file):
+            raise FileNotFoundError(f"--prompt_file {args.prompt_file} does not exist.")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            args.prompt = f.read()
+    tokenizer = world_tokenizer()
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("The prompt is empty: give some text to continue.")
+    bad = [i for i in args.token_ban + args.token_stop if not 0 <= i < WORLD_VOCAB]
+    if bad:
+        raise ValueError(f"Token id {bad[0]} is outside the World vocabulary (0..{WORLD_VOCAB - 1}).")
+
+    if args.op == "cuda" and device != "cuda":
+        raise ValueError("--op cuda runs on a GPU: add --device cuda, or use --op cpu.")
+    vocab = load_checkpoint(args.model)[1].vocab_size     # memory-mapped: a quick look before loading
+    if vocab != WORLD_VOCAB:
+        raise ValueError(f"{args.model} has a vocabulary of {vocab} ids, not the World tokenizer's {WORLD_VOCAB}: "
+                         "generate.py writes text for World models only.")
+
+    model = load_model(args.model, args.adapter, DTYPES[dtype], args.op, device)
+    generator = torch.Generator()
+    if args.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(args.seed)
+    sampler = world_sampler(sampling, tokenizer, WORLD_VOCAB, generator)
+    tokens = generate(model_step(model), prompt, args.max_tokens, sampler, args.token_stop)
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    stream_text(tokens, tokenizer, write)
+    write("\n")
+
+
+if __name__ == "__main__":
+    main()

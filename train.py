@@ -100,7 +100,7 @@ def main(argv=None):
         from src.training.callbacks import disk_full
         if not disk_full(e, args.proj_dir):
             raise
-        sys.exit(f"train.py: the disk is full ({e.filename or args.proj_dir}): free some space, then run the same "
+        sys.exit(f"train.py: the disk is full ({getattr(e, 'filename', None) or args.proj_dir}): free some space, then run the same "
                  "command with --resume to continue from the last complete resume point.")
 
 

@@ -1,6 +1,7 @@
 """Ordinary use without surprises: every file protected, every input checked up front (one
 sentence, exit != 0, no traceback, the directories involved unchanged, nothing left behind), the
 user told what happened. Item by item, as issue 13 lists them."""
+import contextlib
 import json
 import os
 import re
@@ -103,10 +104,10 @@ def test_bad_files(setup, tmp_path):
 
 def test_the_command_line_has_no_traceback(setup, tmp_path):
     p = subprocess.run([sys.executable, "train.py", *args(setup, tmp_path, "--micro_bsz", "-2")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "train.py: --micro_bsz -2 is too small: it must be at least 1."
-    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "(default: 1024)" in p.stdout and "(default: 2e-05)" in p.stdout    # --help shows defaults
 
 
@@ -170,21 +171,37 @@ def test_a_live_lock_refuses_and_a_stale_one_is_removed(setup, tmp_path):
 def test_two_runs_at_once(setup, tmp_path):
     out = tmp_path / "out"
     first = run_train(setup, out, "--strategy", "deepspeed_stage_2", "--epoch_steps", "1000", steps=1000, wait=False)
-    wait_for(first, out / "log.csv")
-    for extra in ([], ["--resume"]):
-        second = subprocess.run([sys.executable, "train.py", *args(setup, out, *extra)], cwd=ROOT, capture_output=True,
-                                text=True, timeout=120)
-        assert second.returncode != 0 and "Traceback" not in second.stderr
-        assert re.search(rf"Another run \(pid {first.pid} on .*\) is using {out}", second.stderr), second.stderr
-    first.send_signal(signal.SIGINT)
-    output, _ = first.communicate(timeout=120)
+    with killed_on_failure(first):
+        wait_for(first, out / "log.csv")
+        refuse_while_running(setup, out, first)
+        first.send_signal(signal.SIGINT)
+        output, _ = first.communicate(timeout=300)
     assert "interrupted: the resume point" in output, output[-2000:]
     assert not (out / ".lock").exists()
 
 
+def refuse_while_running(setup, out, first):
+    for extra in ([], ["--resume"]):
+        second = subprocess.run([sys.executable, "train.py", *args(setup, out, *extra)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert second.returncode != 0 and "Traceback" not in second.stderr
+        assert re.search(rf"Another run \(pid {first.pid} on .*\) is using {out}", second.stderr), second.stderr
+
+
 # --- interruptions ------------------------------------------------------------------------------------
 
-def wait_for(proc, path, timeout=240):
+@contextlib.contextmanager
+def killed_on_failure(proc):
+    """A run started in the background never outlives its test (it would hold CPU and files)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(proc, path, timeout=600):
     deadline = time.time() + timeout
     while not path.exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended too early"
@@ -194,9 +211,10 @@ def wait_for(proc, path, timeout=240):
 def test_ctrl_c_saves_a_resume_point_and_says_how_to_continue(setup, tmp_path):
     out = tmp_path / "out"
     proc = run_train(setup, out, "--strategy", "deepspeed_stage_2", "--epoch_steps", "1000", steps=1000, wait=False)
-    wait_for(proc, out / "log.csv")
-    proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=120)
+    with killed_on_failure(proc):
+        wait_for(proc, out / "log.csv")
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
     m = re.search(rf"interrupted: the resume point in {out} holds step (\d+); continue with the same command and "
                   r"--resume.", output)
@@ -211,10 +229,11 @@ def test_kill_9_keeps_the_log_up_to_the_resume_point_and_a_timed_resume_point(se
     out = tmp_path / "out"
     proc = run_train(setup, out, "--strategy", "deepspeed_stage_2", "--epoch_steps", "1000",
                      "--save_every_minutes", "0.0005", steps=1000, wait=False)   # every 0.03 s
-    wait_for(proc, out / "resume")
-    time.sleep(1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with killed_on_failure(proc):
+        wait_for(proc, out / "resume")
+        time.sleep(1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     step = json.load(open(out / "run.json"))["resume_step"]
     assert 0 < step < 1000 and not adapters(out)      # the resume point came from the clock, not a step count
     assert set(range(1, step + 1)) <= set(losses(out))
@@ -232,13 +251,14 @@ def test_make_binidx_protects_its_output(tmp_path):
 
 
 def kill_when_a_temporary_appears(cmd, directory):
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not [p for p in os.listdir(directory) if p.startswith(".tmp-")]:
-        assert proc.poll() is None and time.time() < deadline, "finished before a temporary was seen"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with killed_on_failure(proc):
+        deadline = time.time() + 300
+        while not [p for p in os.listdir(directory) if p.startswith(".tmp-")]:
+            assert proc.poll() is None and time.time() < deadline, "finished before a temporary was seen"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     return [p for p in os.listdir(directory) if p.startswith(".tmp-")]
 
 
@@ -306,7 +326,8 @@ def test_a_full_disk_is_said_and_leaves_nothing_partial(setup, small_disk):
     """300 KB: the log, the plot and the first adapter fit, the resume point (about 400 KB) does not."""
     out = small_disk / "out"
     proc = run_train(setup, out, "--strategy", "deepspeed_stage_2", wait=False)
-    output, _ = proc.communicate(timeout=300)
+    with killed_on_failure(proc):
+        output, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
     assert f"train.py: the disk is full ({out}): free some space, then run the same command with --resume" in output
     assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "run.json"]

@@ -2,6 +2,7 @@
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,13 +28,21 @@ def setup(tmp_path_factory):
     return d, model
 
 
+def free_port():
+    """A port no one listens on now: each run its own, so a run still shutting down (or killed)
+    never blocks the next one's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train(setup, out, *extra, devices=1, micro_bsz=4, steps=16, wait=True):
     d, model = setup
     cmd = [sys.executable, "train.py", "--load_model", model, "--data_file", str(d / "data"),
            "--proj_dir", str(out), "--ctx_len", "32", "--micro_bsz", str(micro_bsz), "--epoch_steps", "8",
            "--epoch_count", str(steps // 8), "--lr_init", "1e-2", "--lr_final", "1e-2", "--bone_r", "16",
            "--accelerator", "cpu", "--devices", str(devices), "--seed", "1", *extra]
-    env = {**os.environ, "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if not wait:
         return proc

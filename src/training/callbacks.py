@@ -228,7 +228,8 @@ def disk_full(error, directory, margin=1 << 20):
     why) on a disk with less than `margin` bytes left."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
-    return isinstance(error, RuntimeError) and shutil.disk_usage(directory).free < margin
+    writer = any(text in str(error) for text in ("unexpected pos", "PytorchStreamWriter", "file write failed"))
+    return isinstance(error, RuntimeError) and writer and shutil.disk_usage(directory).free < margin
 
 
 def gathered(params):

@@ -105,9 +105,11 @@ class QuantizedWeight(nn.Module):
             state = bnb_F.QuantState(absmax=absmax, code=self.code.view(torch.float32), blocksize=self.blocksize,
                                      dtype=dtype)
             return bnb_F.dequantize_blockwise(packed, state)
-        state = bnb_F.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=self.blocksize,
+        # As one flat row: bitsandbytes 0.50's CPU kernel reads a 2-D shape's blocks row by row,
+        # wrong when the width is not a multiple of the block size (the blocks run across rows).
+        state = bnb_F.QuantState(absmax=absmax, shape=torch.Size((math.prod(shape),)), blocksize=self.blocksize,
                                  quant_type=self.quant, dtype=dtype)
-        return bnb_F.dequantize_4bit(packed, state)
+        return bnb_F.dequantize_4bit(packed, state).view(shape)
 
     def dequantize(self, dtype=None):
         """W (a new tensor) in `dtype`, by default the dtype it had when quantized."""

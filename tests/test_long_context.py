@@ -4,9 +4,12 @@ materialised whole and masked_lm_loss on them.
 
 In float64 the two agree to rounding (1e-10 relative, every tensor): the method is exact. In fp32
 both are rounded, and the gradients that are sums over every token with much cancellation
-(time_decay, time_maa_*) differ by up to about 2e-5 relative in this tiny random model, where the
-plain fp32 pass is itself about 6e-6 off the float64 truth on them (and a plain fp32
-step-by-step WKV loop 6e-5): hence 1e-5 on the whole gradient and 3e-5 per tensor there."""
+(time_decay, time_maa_*) are off the float64 truth by up to 4e-5 relative for the plain pass
+itself (5e-4 on one tensor), by an amount that depends on the CPU's vector width. So in fp32 the
+whole gradient must agree with the plain pass to 1e-5, and each tensor must be as close to the
+float64 truth (the same model in float64) as the plain fp32 pass is, within a factor 2 (measured:
+1.1 at worst, over bone/bat/lora, masked or not, chunked or not)."""
+import copy
 import pytest
 import torch
 
@@ -51,9 +54,18 @@ def plain(model, idx, targets, mask):
     return masked_lm_loss(model(idx)[0], targets, mask)
 
 
-def assert_same(ref, got):
+def float64_truth(model, idx, targets, mask):
+    """The plain pass's loss and gradients for the same model in float64."""
+    m64 = copy.deepcopy(model).double()
+    return grads(m64, lambda: plain(m64, idx, targets, None if mask is None else mask.double()))
+
+
+def assert_same(ref, got, truth=None):
+    """`got` equals the plain pass `ref`: to 1e-10 in float64; in fp32 (where `truth` is the
+    float64 result) the whole gradient to 1e-5 and each tensor as close to the truth as `ref`."""
     (loss_ref, g_ref), (loss_got, g_got) = ref, got
     fp64 = loss_ref.dtype == torch.float64
+    assert fp64 or truth is not None, "an fp32 comparison needs the float64 truth"
     assert torch.isfinite(loss_got)
     assert loss_got.item() == pytest.approx(loss_ref.item(), rel=1e-12 if fp64 else 1e-6)
     assert g_got.keys() == g_ref.keys()
@@ -61,8 +73,13 @@ def assert_same(ref, got):
         [g.flatten() for g in g_ref.values()]).norm()
     assert whole <= (1e-10 if fp64 else 1e-5), f"relative error of the whole gradient {whole:.2e}"
     for n in g_ref:
-        err = (g_got[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-30)
-        assert err <= (1e-10 if fp64 else 3e-5), f"{n}: relative gradient error {err:.2e}"
+        if fp64:
+            err = (g_got[n] - g_ref[n]).norm() / g_ref[n].norm().clamp(min=1e-30)
+            assert err <= 1e-10, f"{n}: relative gradient error {err:.2e}"
+            continue
+        t = truth[1][n].float()
+        err, err_ref = ((g - t).norm() / t.norm().clamp(min=1e-30) for g in (g_got[n], g_ref[n]))
+        assert err <= 2 * max(err_ref, 1e-5), f"{n}: {err:.2e} off the float64 truth, the plain pass {err_ref:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -72,9 +89,10 @@ def test_chunked_pass_equals_the_full_pass(mode, grad_cp, dtype):
     model = make_model(mode, grad_cp=grad_cp, dtype=dtype)
     idx, targets, mask = batch()
     ref = grads(model, lambda: plain(model, idx, targets, mask))
-    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)))
+    truth = float64_truth(model, idx, targets, mask) if dtype == torch.float32 else None
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)), truth)
     # ctx_len need not be a multiple of the chunk: 24 + 24 + 16
-    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=24)))
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=24)), truth)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -85,8 +103,9 @@ def test_fused_head_and_loss_equal_the_plain_ones(mode, dtype, monkeypatch):
     for mask in (True, False):
         idx, targets, m = batch(seed=1, mask=mask)
         ref = grads(model, lambda: plain(model, idx, targets, m))
-        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m)))
-        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m, chunk_ctx=16)))
+        truth = float64_truth(model, idx, targets, m) if dtype == torch.float32 else None
+        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m)), truth)
+        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, m, chunk_ctx=16)), truth)
 
 
 def test_trained_embedding_and_adapted_head_are_exact_too(monkeypatch):

@@ -33,8 +33,33 @@ def roundtrip(w, quant):
     if quant == "int8":
         q, state = bnb_F.quantize_blockwise(w.float())
         return bnb_F.dequantize_blockwise(q, state)
+    # Flat: bitsandbytes 0.50's CPU dequantize_4bit misreads 2-D shapes whose width is not a
+    # multiple of the block size (test_bitsandbytes_cpu_4bit_blocks_run_across_rows).
+    q, state = bnb_F.quantize_4bit(w.float().reshape(-1), quant_type=quant)
+    return bnb_F.dequantize_4bit(q, state).view(w.shape)
+
+
+def code_table_roundtrip(w, quant):
+    """dequantize(quantize(W)) for nf4/fp4 from bitsandbytes' packed bytes and absmax, decoded
+    here by hand (code[high nibble], code[low nibble], times the block's absmax), so that no
+    bitsandbytes dequantize kernel is involved."""
     q, state = bnb_F.quantize_4bit(w.float(), quant_type=quant)
-    return bnb_F.dequantize_4bit(q, state)
+    nibbles = torch.stack([q.reshape(-1) >> 4, q.reshape(-1) & 15], -1).reshape(-1).long()
+    return (state.code[nibbles].view(-1, state.blocksize) * state.absmax[:, None]).view(w.shape)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape", [(300, 96), (7, 64 * 3), (128, 200)])
+def test_dequantize_equals_the_code_table(quant, shape):
+    """Our dequantize (and the flat bitsandbytes round trip the tests use) equal a decoding of
+    bitsandbytes' packed bytes by hand, also where the width is not a multiple of the 64-value
+    block (96, 200): there bitsandbytes' own CPU dequantize_4bit of the 2-D shape is wrong."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    expected = code_table_roundtrip(w, quant)
+    assert torch.equal(QuantizedWeight(w, quant).dequantize(), expected)
+    assert torch.equal(roundtrip(w, quant), expected)
+    rows = torch.tensor([0, 3, shape[0] - 1, 1])
+    assert torch.equal(QuantizedWeight(w, quant).dequantize_rows(rows), expected[rows])
 
 
 def frozen_matrix(key):
@@ -277,8 +302,8 @@ def test_an_older_repository_disha_file_merges_as_its_own_quantized_merge(tmp_pa
         if d is None:
             assert torch.equal(ours[k], w), k
             continue
-        q, state = bnb_F.quantize_nf4(w)
-        wq = bnb_F.dequantize_nf4(q, quant_state=state).to(torch.bfloat16)
+        q, state = bnb_F.quantize_nf4(w.reshape(-1))     # flat: see roundtrip()
+        wq = bnb_F.dequantize_nf4(q, quant_state=state).view(w.shape).to(torch.bfloat16)
         r = d.shape[1] if mode == "bat" else d.shape[0]
         if mode == "bone":
             theirs = (wq.reshape(-1, w.shape[1] // r, r).permute(1, 2, 0) + d).permute(2, 0, 1).reshape(w.shape)

@@ -182,7 +182,8 @@ def run(args, run_dir):
     if run_dir is not None:
         print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
               f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
-              f"tokens into {args.proj_dir}", flush=True)
+              f"tokens into {args.proj_dir}" + (f", each sample in pieces of {args.chunk_ctx} tokens"
+                                                 if 0 < args.chunk_ctx < args.ctx_len else ""), flush=True)
         check_run(run_dir, args, settings(model, args, bone), total_steps)
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,

@@ -11,7 +11,11 @@ if [ -z "$MODEL" ]; then
     DEMO=1
     MODEL=$(python "$ROOT/scripts/make_demo.py" "$ROOT/out/demo" | tail -n 1)
     DATA=${DATA:-$ROOT/out/demo/stories}
-    PROJ_DIR=${PROJ_DIR:-$ROOT/out/demo/run}
+    if [ -z "$PROJ_DIR" ]; then
+        # The demo's own run directory: running the demo again starts it anew (unless --resume).
+        PROJ_DIR=$ROOT/out/demo/run
+        case " $* " in *" --resume "*) ;; *) set -- --overwrite "$@" ;; esac
+    fi
     CTX_LEN=${CTX_LEN:-128}
     MICRO_BSZ=${MICRO_BSZ:-8}
     EPOCH_STEPS=${EPOCH_STEPS:-20}

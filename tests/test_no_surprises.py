@@ -91,6 +91,8 @@ def test_bad_files(setup, tmp_path):
             r"notes.pth could not be read as a PyTorch weights file", tmp_path, d)
     (tmp_path / "afile").write_text("x")
     refused(args(setup, tmp_path / "afile"), r"--proj_dir .*afile is a file, not a directory", tmp_path, d)
+    refused(args(setup, tmp_path / "afile" / "run"), r"--proj_dir .*afile/run cannot be made \(Not a directory\): "
+                                                     r"choose a directory you can write", tmp_path, d)
     if os.geteuid() != 0:       # root writes anywhere
         (tmp_path / "ro").mkdir(mode=0o500)
         refused(args(setup, tmp_path / "ro"), r"is not writable", tmp_path, d)
@@ -250,6 +252,19 @@ def test_make_binidx_protects_its_output(tmp_path):
     make_binidx.main([str(tmp_path / "a.jsonl"), str(tmp_path / "data"), "--overwrite"])
 
 
+def test_make_binidx_help_is_complete():
+    """Every option is explained, with its default where it has one, and the usage names both files."""
+    p = subprocess.run([sys.executable, "scripts/make_binidx.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0
+    text = " ".join(p.stdout.split())
+    for phrase in ("OUTPUT.bin and OUTPUT.idx", "--text-field TEXT_FIELD the field holding each document's text "
+                   "(default: text)", "--no-eod do not append the end-of-document id 0", "--vocab VOCAB World "
+                   "vocabulary file (default: the one in the rwkv package)", "--overwrite replace an existing",
+                   "--data_type binidx --data_file"):
+        assert phrase in text, phrase
+
+
 def kill_when_a_temporary_appears(cmd, directory):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with killed_on_failure(proc):
@@ -346,14 +361,16 @@ def test_scripts_read_paths_from_where_the_user_stands(setup, tmp_path):
     env = dict(os.environ, MODEL="base.pth", DATA="data", PROJ_DIR="run", CTX_LEN="32", MICRO_BSZ="2",
                EPOCH_STEPS="4", EPOCH_COUNT="3", MAX_STEPS="6", KEEP_LAST="1", PEFT="lora", LORA_R="4", LORA_ALPHA="8",
                TARGET_MODULES="att.key,ffn.value", ACCELERATOR="cpu", STRATEGY="deepspeed_stage_1", LR_INIT="1e-3",
-               LR_FINAL="1e-3")
+               LR_FINAL="1e-3", CHUNK_CTX="16", QUANT="nf4", SAVE_EVERY_MINUTES="0")
     p = subprocess.run(["sh", os.path.join(ROOT, "scripts", "run_bone.sh")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert "train.py: lora r=4 on att.key, ffn.value; 6 steps" in p.stdout
+    assert "train.py: lora r=4 on att.key, ffn.value, base held nf4; 6 steps" in p.stdout          # QUANT
+    assert "each sample in pieces of 16 tokens" in p.stdout                                         # CHUNK_CTX
     assert adapters(tmp_path / "run") == ["adapter-0000006.pth"]      # KEEP_LAST=1, MAX_STEPS=6
     meta = load_state_dict(tmp_path / "run" / "adapter-0000006.pth")["__bone_meta__"]
     assert meta["mode"] == "lora" and set(meta["r"].values()) == {4} and meta["lora_alpha"] == 8.0
+    assert meta["quant"] == "nf4"
     env = dict(os.environ, BASE="base.pth", ADAPTER="run/adapter-0000006.pth", OUTPUT="merged.pth")
     p = subprocess.run(["sh", os.path.join(ROOT, "scripts", "merge_bone.sh"), "--quiet"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)

@@ -1,4 +1,4 @@
-"""Reading and writing official-layout .pth files, and fresh x060 weights."""
+"""Reading and writing official-layout .pth files, and fresh x060 and x070 weights."""
 import ctypes
 import functools
 import io
@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import torch
 
-from .config import CheckpointError, RWKV6Config
+from .config import CheckpointError, RWKV6Config, RWKV7Config, read_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,9 +32,10 @@ def load_state_dict(path, mmap=True):
 
 
 def load_checkpoint(path, mmap=True):
-    """(state dict, config) of an RWKV-6 checkpoint, refusing anything else with one sentence."""
+    """(state dict, config) of an RWKV-6 or RWKV-7 checkpoint (the config says which family),
+    refusing anything else with one sentence."""
     sd = load_state_dict(path, mmap=mmap)
-    return sd, RWKV6Config.from_state_dict(sd, source=os.fspath(path))
+    return sd, read_config(sd, source=os.fspath(path))
 
 
 def temporary_file(path):
@@ -268,6 +269,32 @@ def release_pages(t):
         madvise(start, end - start, 21)                       # MADV_PAGEOUT (Linux 5.4+; else EINVAL, ignored)
 
 
+def _uniform(shape, a, g):
+    return torch.empty(shape).uniform_(-a, a, generator=g)
+
+
+def _orthogonal(shape, gain, g):
+    # torch.nn.init.orthogonal_ has no generator argument: QR of a seeded Gaussian, as it does.
+    rows, cols = shape
+    q, r = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g))
+    q = q * torch.sign(torch.diagonal(r))
+    return (gain * (q if rows >= cols else q.T)).contiguous()    # QR's Q is column-major; files are not
+
+
+def _linear(shape, scale, g):
+    gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0
+    return torch.zeros(shape) if scale == 0 else _orthogonal(shape, gain * scale, g)
+
+
+def _head(shape, g):
+    return _orthogonal(shape, 0.5 * math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 0.5, g)
+
+
+def _layer_ratios(key, L):
+    layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
+    return layer, (layer / (L - 1) if L > 1 else 0.0), 1.0 - layer / L   # r01: 0 -> 1, r10: 1 -> ~0
+
+
 def x060_state_dict(config: RWKV6Config, seed=0):
     """Fresh weights with the public x060 initialisation scheme (RWKV-LM's RWKV-6 code), fp32,
     in the official key order. Note att.output, ffn.value and ffn.receptance start at zero."""
@@ -276,30 +303,14 @@ def x060_state_dict(config: RWKV6Config, seed=0):
     ddd = (torch.arange(C) / C).view(1, 1, C)
     n = torch.arange(A, dtype=torch.float64)
 
-    def uniform(shape, a):
-        return torch.empty(shape).uniform_(-a, a, generator=g)
-
-    def orthogonal(shape, gain):
-        # torch.nn.init.orthogonal_ has no generator argument: QR of a seeded Gaussian, as it does.
-        rows, cols = shape
-        q, r = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=g))
-        q = q * torch.sign(torch.diagonal(r))
-        return (gain * (q if rows >= cols else q.T)).contiguous()    # QR's Q is column-major; files are not
-
-    def linear(shape, scale):
-        gain = math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 1.0
-        return torch.zeros(shape) if scale == 0 else orthogonal(shape, gain * scale)
-
     sd = OrderedDict()
     for key, shape in config.shapes().items():
         name = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
-        layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
-        r01 = layer / (L - 1) if L > 1 else 0.0       # 0 at the first layer, 1 at the last
-        r10 = 1.0 - layer / L                         # 1 at the first layer, near 0 at the last
+        layer, r01, r10 = _layer_ratios(key, L)
         if key == "emb.weight":
-            sd[key] = uniform(shape, 1e-4)
+            sd[key] = _uniform(shape, 1e-4, g)
         elif key == "head.weight":
-            sd[key] = orthogonal(shape, 0.5 * math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 0.5)
+            sd[key] = _head(shape, g)
         elif ".ln_x." in key:
             sd[key] = torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
         elif ".ln" in key or key.startswith("ln_out"):
@@ -313,7 +324,7 @@ def x060_state_dict(config: RWKV6Config, seed=0):
         elif name in ("time_maa_w1", "time_decay_w1"):
             sd[key] = torch.zeros(shape)
         elif name in ("time_maa_w2", "time_decay_w2"):
-            sd[key] = uniform(shape, 0.01)
+            sd[key] = _uniform(shape, 0.01, g)
         elif name == "time_decay":
             sd[key] = (-6 + 5 * (n / (A - 1)) ** (0.7 + 1.3 * r01)).float().view(shape)
         elif name == "time_faaaa":
@@ -321,19 +332,92 @@ def x060_state_dict(config: RWKV6Config, seed=0):
         else:  # projection weights
             zero = ".att.output." in key or ".ffn.value." in key or ".ffn.receptance." in key
             small = ".att.key." in key or ".att.gate." in key
-            sd[key] = linear(shape, 0.0 if zero else 0.1 if small else 1.0)
+            sd[key] = _linear(shape, 0.0 if zero else 0.1 if small else 1.0, g)
         assert tuple(sd[key].shape) == shape, key
     return sd
 
 
-def default_dim_ffn(n_embd):
-    return int(n_embd * 3.5) // 32 * 32
+def x070_state_dict(config: RWKV7Config, seed=0):
+    """Fresh weights with the public x070 initialisation scheme (RWKV-LM's RWKV-7 code), fp32,
+    in the official key order. att.output and ffn.value start at zero, w1/a1/v1/g1 too."""
+    g = torch.Generator().manual_seed(seed)
+    C, L, N = config.n_embd, config.n_layer, config.head_size
+    ddd = (torch.arange(C) / C).view(1, 1, C)
+    n = torch.arange(C, dtype=torch.float32)
+    linear = n / (C - 1) - 0.5
+    zigzag = ((n % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = zigzag * zigzag.abs()
+    mix = {"x_r": 0.2, "x_w": 0.9, "x_k": 0.7, "x_v": 0.7, "x_a": 0.9, "x_g": 0.2}
+
+    sd = OrderedDict()
+    for key, shape in config.shapes().items():
+        name = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
+        layer, r01, r10 = _layer_ratios(key, L)
+        vector = lambda t: t.view(1, 1, C).clone()  # noqa: E731
+        if key == "emb.weight":
+            sd[key] = _uniform(shape, 1e-4, g)
+        elif key == "head.weight":
+            sd[key] = _head(shape, g)
+        elif ".ln_x." in key:
+            sd[key] = torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
+        elif ".ln" in key or key.startswith("ln_out"):
+            sd[key] = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        elif ".ffn.x_k" in key:
+            sd[key] = 1.0 - ddd.pow(r10 ** 4)
+        elif name in mix:
+            sd[key] = 1.0 - ddd.pow(mix[name] * r10)
+        elif name == "w0":
+            sd[key] = vector(-6 + 6 * (n / (C - 1)) ** (1 + r01 ** 0.3) + 0.5 + zigzag * 2.5)
+        elif name == "a0":
+            sd[key] = vector(-0.19 + zigzag * 0.3 + linear * 0.4)
+        elif name == "v0":
+            sd[key] = vector(0.73 - linear * 0.4)
+        elif name == "k_k":
+            sd[key] = vector(0.71 - linear * 0.1)
+        elif name == "k_a":
+            sd[key] = torch.full(shape, 1.02)
+        elif name == "r_k":
+            sd[key] = torch.full(shape, -0.04)
+        elif name in ("w1", "a1", "v1", "g1"):
+            sd[key] = torch.zeros(shape)
+        elif name in ("w2", "a2", "v2", "g2"):
+            sd[key] = _linear(shape, 0.1, g)
+        else:  # projection weights
+            zero = ".att.output." in key or ".ffn.value." in key
+            sd[key] = _linear(shape, 0.0 if zero else 0.1 if ".att.key." in key else 1.0, g)
+        assert tuple(sd[key].shape) == shape, key
+    return sd
+
+
+def default_dim_ffn(n_embd, family="x060"):
+    return 4 * n_embd if family == "x070" else int(n_embd * 3.5) // 32 * 32
+
+
+def x070_lora_widths(n_embd):
+    """RWKV-LM's suggested low-rank widths for x070 (w, a, v, g), multiples of 32."""
+    width = lambda factor, least=32: max(least, int(round(factor * n_embd ** 0.5 / 32) * 32))  # noqa: E731
+    return {"w_lora": width(2.5), "a_lora": width(2.5), "v_lora": width(1.7), "g_lora": width(5)}
+
+
+def new_config(family="x060", vocab_size=65536, n_embd=768, n_layer=12, dim_ffn=None, head_size=64):
+    """The config of a fresh model of either family, with the official default widths."""
+    dim_ffn = dim_ffn or default_dim_ffn(n_embd, family)
+    if family == "x070":
+        return RWKV7Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, dim_ffn=dim_ffn,
+                           head_size=head_size, **x070_lora_widths(n_embd))
+    return RWKV6Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, dim_att=n_embd,
+                       dim_ffn=dim_ffn, head_size=head_size)
+
+
+def fresh_state_dict(config, seed=0):
+    """Fresh weights of config's family (x060_state_dict or x070_state_dict)."""
+    return (x070_state_dict if config.family == "x070" else x060_state_dict)(config, seed)
 
 
 def make_checkpoint(path, vocab_size=65536, n_embd=768, n_layer=12, dim_ffn=None, head_size=64,
-                    seed=0, dtype="bf16"):
-    """Create a fresh x060 model and save it as an official-layout .pth. Returns its config."""
-    config = RWKV6Config(vocab_size=vocab_size, n_embd=n_embd, n_layer=n_layer, dim_att=n_embd,
-                         dim_ffn=dim_ffn or default_dim_ffn(n_embd), head_size=head_size)
-    save_checkpoint(x060_state_dict(config, seed), path, dtype)
+                    seed=0, dtype="bf16", family="x060"):
+    """Create a fresh model of `family` (x060 or x070) and save it as an official-layout .pth.
+    Returns its config."""
+    config = new_config(family, vocab_size, n_embd, n_layer, dim_ffn, head_size)
+    save_checkpoint(fresh_state_dict(config, seed), path, dtype)
     return config

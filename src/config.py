@@ -1,15 +1,22 @@
-"""The RWKV-6 (x060) checkpoint layout: sizes read off the weights, and the checks that
-refuse anything else with one clear sentence. The one home for key names and shapes."""
+"""The official checkpoint layouts of the two model families this project fine-tunes, RWKV-6
+("x060") and RWKV-7 ("x070"): sizes read off the weights, and the checks that refuse anything
+else with one clear sentence. The one home for key names and shapes; `read_config` says which
+family a file is."""
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable RWKV-6 (x060) checkpoint; the message says why."""
+    """A file that is not a usable RWKV-6 or RWKV-7 checkpoint; the message says why."""
 
 
 @dataclass(frozen=True)
 class RWKV6Config:
+    family = "x060"
+    title = "RWKV-6 (x060)"
+    # The projections Bone adapts unless told otherwise (module paths under blocks.N).
+    default_targets = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
+                       "ffn.key", "ffn.receptance", "ffn.value")
     vocab_size: int
     n_embd: int
     n_layer: int
@@ -59,53 +66,155 @@ class RWKV6Config:
     @classmethod
     def from_state_dict(cls, sd, source="the checkpoint"):
         """Read every size off an x060 state dict, or raise CheckpointError saying what is wrong."""
-        if not isinstance(sd, dict) or not sd:
-            raise CheckpointError(f"{source} is not a dict of tensors, so it is not an RWKV model checkpoint.")
-        _refuse_other_versions(sd, source)
-        needed = ("emb.weight", "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w2",
-                  "blocks.0.att.time_decay_w1", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight")
-        missing = [k for k in needed if k not in sd]
-        if missing:
-            raise CheckpointError(f"{source} lacks {', '.join(missing)}: it is not an RWKV-6 (x060) checkpoint.")
+        _check_dict(sd, source)
+        _require(sd, source, cls.title, ("emb.weight", "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w2",
+                                         "blocks.0.att.time_decay_w1", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"))
         V, C = sd["emb.weight"].shape
         H, N = sd["blocks.0.att.time_faaaa"].shape
-        layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".ln1.weight")}
-        config = cls(vocab_size=V, n_embd=C, n_layer=len(layers), dim_att=sd["blocks.0.att.key.weight"].shape[0],
+        config = cls(vocab_size=V, n_embd=C, n_layer=_count_layers(sd, source), dim_att=sd["blocks.0.att.key.weight"].shape[0],
                      dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0], head_size=N,
                      mix_lora=sd["blocks.0.att.time_maa_w2"].shape[1],
                      decay_lora=sd["blocks.0.att.time_decay_w1"].shape[1])
-        if layers != set(range(config.n_layer)):
-            raise CheckpointError(f"{source} has blocks {sorted(layers)}: layer numbers must run 0..n-1 without gaps.")
         if config.n_head * N != config.dim_att:
             raise CheckpointError(f"{source} has time_faaaa of shape [{H}, {N}], which does not divide dim_att = {config.dim_att} into heads.")
-        expected = config.shapes()
-        missing = [k for k in expected if k not in sd]
-        if missing:
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise CheckpointError(f"{source} lacks {', '.join(missing[:3])}{more}: it is not a complete RWKV-6 (x060) checkpoint.")
-        extra = [k for k in sd if k not in expected]
-        if extra:
-            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-            raise CheckpointError(f"{source} has unexpected keys {', '.join(extra[:3])}{more}: "
-                                  "pass a plain RWKV-6 (x060) checkpoint (merge adapters with merge.py).")
-        for k, shape in expected.items():
-            if tuple(sd[k].shape) != shape:
-                raise CheckpointError(f"{source} has {k} of shape {list(sd[k].shape)}, but the other weights "
-                                      f"imply {list(shape)}: the file is inconsistent or not an x060 model.")
+        _check_layout(config, sd, source)
         return config
 
 
-def _refuse_other_versions(sd, source):
+@dataclass(frozen=True)
+class RWKV7Config:
+    """RWKV-7: n_embd = dim_att, head size from r_k, and four low-rank widths (decay w, in-context
+    rate a, value residual v, gate g) read off w1, a1, v1, g1."""
+    family = "x070"
+    title = "RWKV-7 (x070)"
+    default_targets = ("att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value")
+
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    dim_ffn: int
+    head_size: int
+    w_lora: int = 64
+    a_lora: int = 64
+    v_lora: int = 32
+    g_lora: int = 128
+
+    @property
+    def dim_att(self):
+        return self.n_embd
+
+    @property
+    def n_head(self):
+        return self.n_embd // self.head_size
+
+    def fingerprint(self):
+        """As RWKV6Config's, plus the family (an x060 fingerprint has none: older files stay valid)."""
+        return {"family": self.family, **{k: asdict(self)[k] for k in ("vocab_size", "n_embd", "n_layer", "dim_ffn", "head_size")}}
+
+    def shapes(self):
+        """Every official key, in the official order (RWKV-LM's x070 parameter order), with its shape."""
+        C, F, V, H, N = self.n_embd, self.dim_ffn, self.vocab_size, self.n_head, self.head_size
+        out = OrderedDict({"emb.weight": (V, C)})
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            for ln in ("ln1", "ln2") + (("ln0",) if i == 0 else ()):
+                out[f"{b}{ln}.weight"] = out[f"{b}{ln}.bias"] = (C,)
+            for m in "rwkvag":
+                out[f"{b}att.x_{m}"] = (1, 1, C)
+            for name, width in (("w", self.w_lora), ("a", self.a_lora), ("v", self.v_lora)):
+                out[f"{b}att.{name}1"] = (C, width)
+                out[f"{b}att.{name}2"] = (width, C)
+                out[f"{b}att.{name}0"] = (1, 1, C)
+            out[f"{b}att.g1"] = (C, self.g_lora)
+            out[f"{b}att.g2"] = (self.g_lora, C)
+            out[f"{b}att.k_k"] = out[f"{b}att.k_a"] = (1, 1, C)
+            out[f"{b}att.r_k"] = (H, N)
+            for name in ("receptance", "key", "value", "output"):
+                out[f"{b}att.{name}.weight"] = (C, C)
+            out[f"{b}att.ln_x.weight"] = out[f"{b}att.ln_x.bias"] = (C,)
+            out[f"{b}ffn.x_k"] = (1, 1, C)
+            out[f"{b}ffn.key.weight"] = (F, C)
+            out[f"{b}ffn.value.weight"] = (C, F)
+        out["ln_out.weight"] = out["ln_out.bias"] = (C,)
+        out["head.weight"] = (V, C)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, sd, source="the checkpoint"):
+        """Read every size off an x070 state dict, or raise CheckpointError saying what is wrong."""
+        _check_dict(sd, source)
+        _require(sd, source, cls.title, ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1",
+                                         "blocks.0.att.v1", "blocks.0.att.g1", "blocks.0.ffn.key.weight"))
+        V, C = sd["emb.weight"].shape
+        H, N = sd["blocks.0.att.r_k"].shape
+        if H * N != C:
+            raise CheckpointError(f"{source} has r_k of shape [{H}, {N}], which does not divide n_embd = {C} into heads.")
+        width = lambda key: sd[f"blocks.0.att.{key}"].shape[-1]  # noqa: E731
+        config = cls(vocab_size=V, n_embd=C, n_layer=_count_layers(sd, source), dim_ffn=sd["blocks.0.ffn.key.weight"].shape[0],
+                     head_size=N, w_lora=width("w1"), a_lora=width("a1"), v_lora=width("v1"), g_lora=width("g1"))
+        _check_layout(config, sd, source)
+        return config
+
+
+FAMILIES = (RWKV6Config, RWKV7Config)
+
+
+def read_config(sd, source="the checkpoint"):
+    """The config of whichever family the keys say (x070: blocks.0.att.r_k and no time_maa_x;
+    x060: the time_maa_* keys), every size read off the tensors; anything else is refused with
+    one sentence naming what was found."""
+    _check_dict(sd, source)
+    return family_of(sd, source).from_state_dict(sd, source)
+
+
+def family_of(sd, source="the checkpoint"):
+    """The config class of the family the keys name, or CheckpointError naming what was found."""
     keys = list(sd)
     has = lambda part: any(part in k for k in keys)  # noqa: E731
     if has("att.time_maa_x"):
-        return
-    if has(".att.x_r") or has(".att.w0") or has(".att.r_k"):
-        version = "RWKV-7 (x070)"
-    elif has("att.time_mix_k") and has("att.ln_x"):
-        version = "RWKV-5"
-    elif has("att.time_mix_k"):
-        version = "RWKV-4"
-    else:
-        return  # not recognisably another version: the key checks will name what is missing
-    raise CheckpointError(f"{source} is an {version} model; this project fine-tunes RWKV-6 (x060) checkpoints only.")
+        return RWKV6Config
+    if has(".att.r_k") or has(".att.x_r") or has(".att.w0"):
+        return RWKV7Config
+    if has("att.time_mix_k"):
+        version = "RWKV-5" if has("att.ln_x") else "RWKV-4"
+        raise CheckpointError(f"{source} is an {version} model; this project fine-tunes RWKV-6 (x060) and "
+                              "RWKV-7 (x070) checkpoints only.")
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    raise CheckpointError(f"{source} holds {shown}, which is neither an RWKV-6 (x060) nor an RWKV-7 (x070) "
+                          "checkpoint (no blocks.0.att.time_maa_x or blocks.0.att.r_k).")
+
+
+def _check_dict(sd, source):
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointError(f"{source} is not a dict of tensors, so it is not an RWKV model checkpoint.")
+
+
+def _require(sd, source, title, needed):
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}: it is not an {title} checkpoint.")
+
+
+def _count_layers(sd, source):
+    layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".ln1.weight")}
+    if layers != set(range(len(layers))):
+        raise CheckpointError(f"{source} has blocks {sorted(layers)}: layer numbers must run 0..n-1 without gaps.")
+    return len(layers)
+
+
+def _check_layout(config, sd, source):
+    """Exactly the official keys of config's family, each of the shape the sizes imply."""
+    expected, title = config.shapes(), config.title
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{source} lacks {', '.join(missing[:3])}{more}: it is not a complete {title} checkpoint.")
+    extra = [k for k in sd if k not in expected]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise CheckpointError(f"{source} has unexpected keys {', '.join(extra[:3])}{more}: "
+                              f"pass a plain {title} checkpoint (merge adapters with merge.py).")
+    for k, shape in expected.items():
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{source} has {k} of shape {list(sd[k].shape)}, but the other weights "
+                                  f"imply {list(shape)}: the file is inconsistent or not an {config.family} model.")

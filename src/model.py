@@ -1,8 +1,10 @@
-"""RWKV-6 ("x060"): the model whose state_dict() is exactly the official checkpoint.
+"""RWKV-6 ("x060"), and what both model families share: the model whose state_dict() is
+exactly the official checkpoint.
 
 Sizes come from the weights (see config.py). `model(idx, state)` returns (logits, state);
 the state carries each layer's token-shift vectors and WKV state, so a sequence fed in
-pieces gives the same logits as fed at once.
+pieces gives the same logits as fed at once. RWKV-7 is in model_x070.py, on the same RWKV
+base class; family.py picks the class a checkpoint needs.
 """
 import torch
 import torch.nn as nn
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import check_finite, load_checkpoint
-from .config import RWKV6Config
+from .config import CheckpointError, RWKV6Config, read_config
 from .ops import OPS, wkv6
 from .ops.head_loss import head_loss
 
@@ -21,7 +23,7 @@ def token_shift(x, prev):
 
 
 class TimeMix(nn.Module):
-    def __init__(self, cfg: RWKV6Config):
+    def __init__(self, cfg: RWKV6Config, layer_id):
         super().__init__()
         C, A, H, N = cfg.n_embd, cfg.dim_att, cfg.n_head, cfg.head_size
         self.n_head, self.head_size = H, N
@@ -44,7 +46,7 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(C, A, bias=False)
         self.ln_x = nn.GroupNorm(H, A, eps=1e-5 * 8**2)
 
-    def forward(self, x, shift, wkv_state, op):
+    def forward(self, x, v_first, shift, wkv_state, op):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         xx = token_shift(x, shift)
@@ -63,7 +65,7 @@ class TimeMix(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, wkv_state = wkv6(heads(r), heads(k), heads(v), heads(w), self.time_faaaa, wkv_state, op=op)
         y = self.ln_x(y.reshape(B * T, H * N)).view(B, T, H * N)
-        return self.output(y * g), x[:, -1].clone(), wkv_state     # a copy: a view would keep all of x alive
+        return self.output(y * g), v_first, x[:, -1].clone(), wkv_state   # a copy: a view would keep all of x alive
 
 
 class ChannelMix(nn.Module):
@@ -84,23 +86,27 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: RWKV6Config, layer_id):
+    """ln0 (layer 0), then x + att(ln1(x)), then x + ffn(ln2(x)); v_first is RWKV-7's value of
+    layer 0, carried through the blocks (RWKV-6 passes None along)."""
+    TimeMix, ChannelMix = TimeMix, ChannelMix
+
+    def __init__(self, cfg, layer_id):
         super().__init__()
         # Attribute order is the official key order (ln1, ln2, ln0, att, ffn).
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         if layer_id == 0:
             self.ln0 = nn.LayerNorm(cfg.n_embd)
-        self.att = TimeMix(cfg)
-        self.ffn = ChannelMix(cfg)
+        self.att = self.TimeMix(cfg, layer_id)
+        self.ffn = self.ChannelMix(cfg)
 
-    def forward(self, x, att_shift, wkv_state, ffn_shift, op):
+    def forward(self, x, v_first, att_shift, wkv_state, ffn_shift, op):
         if hasattr(self, "ln0"):
             x = self.ln0(x)
-        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, op)
+        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state, op)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift)
-        return x + dx, att_shift, wkv_state, ffn_shift
+        return x + dx, v_first, att_shift, wkv_state, ffn_shift
 
 
 class Head(nn.Linear):
@@ -115,23 +121,30 @@ class Head(nn.Linear):
         return head_loss(x, self.weight, targets, **loss_args)
 
 
-class RWKV6(nn.Module):
-    def __init__(self, cfg: RWKV6Config, op="auto", grad_cp=False):
+class RWKV(nn.Module):
+    """What both families share: emb, blocks, ln_out, head, the state and the forward loop.
+    A family subclass names its config class and its Block."""
+    config_class, Block = None, Block
+
+    def __init__(self, cfg, op="auto", grad_cp=False):
         super().__init__()
         if op not in OPS:
-            raise ValueError(f"Unknown WKV6 op {op!r}: choose one of {', '.join(OPS)}.")
+            raise ValueError(f"Unknown WKV op {op!r}: choose one of {', '.join(OPS)}.")
         self.config = cfg
-        self.op = op              # which WKV6 implementation: auto, cpu or cuda
+        self.op = op              # which WKV implementation: auto, cpu or cuda
         self.grad_cp = grad_cp    # recompute each block in the backward pass to save memory
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(self.Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = Head(cfg.n_embd, cfg.vocab_size, bias=False)
 
     @classmethod
     def from_state_dict(cls, sd, **kwargs):
         """A model holding exactly these weights (in their dtype); sizes read off the tensors."""
-        cfg = RWKV6Config.from_state_dict(sd)
+        cfg = read_config(sd)
+        if cfg.family != cls.config_class.family:
+            raise CheckpointError(f"This is an {cfg.title} checkpoint, not an {cls.config_class.title} one: "
+                                  "load it with src.family.load_model.")
         with torch.device("meta"):
             model = cls(cfg, **kwargs)
         model.load_state_dict(sd, assign=True)
@@ -160,15 +173,16 @@ class RWKV6(nn.Module):
         if state is None:
             state = self.empty_state(idx.shape[0])
         x = self.emb(idx)
+        v_first = None
         new_state = []
         for block, (att_shift, wkv_state, ffn_shift) in zip(self.blocks, state):
             if self.grad_cp and self.training:
                 # Non-reentrant checkpointing: gradients reach adapter parameters inside the
                 # block even when nothing fed into it requires grad (a frozen embedding).
-                out = checkpoint(block, x, att_shift, wkv_state, ffn_shift, self.op, use_reentrant=False)
+                out = checkpoint(block, x, v_first, att_shift, wkv_state, ffn_shift, self.op, use_reentrant=False)
             else:
-                out = block(x, att_shift, wkv_state, ffn_shift, self.op)
-            x, layer_state = out[0], out[1:]
+                out = block(x, v_first, att_shift, wkv_state, ffn_shift, self.op)
+            x, v_first, layer_state = out[0], out[1], out[2:]
             new_state.append(layer_state)
         return self.ln_out(x), new_state
 
@@ -179,3 +193,7 @@ class RWKV6(nn.Module):
         if not full_output:
             x = x[:, -1:]
         return self.head(x), new_state
+
+
+class RWKV6(RWKV):
+    config_class = RWKV6Config

@@ -1,11 +1,12 @@
-"""Tiny RWKV-6 models for tests: x060-initialised, then perturbed so that no weight is trivial
-(the init scheme zeroes att.output, ffn.value and ffn.receptance, which would hide errors)."""
+"""Tiny RWKV-6 and RWKV-7 models for tests: initialised as the official code does, then perturbed
+so that no weight is trivial (the init schemes zero att.output, ffn.value and more, which would
+hide errors)."""
 import os
 
 import torch
 
-from src.checkpoint import save_checkpoint, x060_state_dict
-from src.config import RWKV6Config
+from src.checkpoint import fresh_state_dict, save_checkpoint
+from src.config import RWKV6Config, RWKV7Config
 
 # Two shapes: the second has n_layer >= 3, a non-default dim_ffn and dims not a multiple of 64.
 SHAPES = {
@@ -14,12 +15,22 @@ SHAPES = {
 }
 # The World vocabulary, for what writes text (generate.py); not among the SHAPES every model test runs.
 WORLD = RWKV6Config(vocab_size=65536, n_embd=64, n_layer=2, dim_att=64, dim_ffn=224, head_size=32)
+# RWKV-7: two heads and a ffn width that is not 4 x n_embd; one head, three layers, 4 x n_embd.
+SHAPES7 = {
+    "small7": RWKV7Config(vocab_size=260, n_embd=64, n_layer=2, dim_ffn=200, head_size=32,
+                          w_lora=32, a_lora=32, v_lora=16, g_lora=48),
+    "deep7": RWKV7Config(vocab_size=300, n_embd=32, n_layer=3, dim_ffn=128, head_size=32,
+                         w_lora=16, a_lora=16, v_lora=16, g_lora=32),
+}
+WORLD7 = RWKV7Config(vocab_size=65536, n_embd=64, n_layer=2, dim_ffn=256, head_size=32,
+                     w_lora=32, a_lora=32, v_lora=16, g_lora=64)
+ALL = {**SHAPES, **SHAPES7, "world": WORLD, "world7": WORLD7}
 
 
-def random_state_dict(cfg: RWKV6Config, seed=0, noise=0.2):
-    """x060 init plus noise of `noise` times each tensor's typical size (1/sqrt(fan-in) where zero)."""
+def random_state_dict(cfg, seed=0, noise=0.2):
+    """The family's init plus noise of `noise` times each tensor's typical size (1/sqrt(fan-in) where zero)."""
     g = torch.Generator().manual_seed(seed + 1000)
-    sd = x060_state_dict(cfg, seed)
+    sd = fresh_state_dict(cfg, seed)
     for key, t in sd.items():
         scale = t.pow(2).mean().sqrt().item() if t.numel() > 1 else 0.0
         if scale == 0.0:
@@ -30,7 +41,7 @@ def random_state_dict(cfg: RWKV6Config, seed=0, noise=0.2):
 
 def save_random_checkpoint(directory, name="small", seed=0, dtype="fp32"):
     """Write a random tiny checkpoint in the official layout; returns (path, config, state dict)."""
-    cfg = {**SHAPES, "world": WORLD}[name]
+    cfg = ALL[name]
     sd = random_state_dict(cfg, seed)
     path = os.path.join(directory, f"{name}-{seed}.pth")
     save_checkpoint(sd, path, dtype)

@@ -1,0 +1,64 @@
+"""The `rwkv` pip package, the runtime merged files are checked in, run in a child process.
+
+The package picks its model class at import time (RWKV_V7_ON=1 gives RWKV_x070, which then
+replaces RWKV-6 support), so each call gets a fresh interpreter set for the file's family and
+never disturbs a package imported here. The child reads the prompt in one call (the logits of
+every position and the state after it), then continues greedily token by token through the
+state, with the same generate loop and sampler as this repository's model.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_rwkv_package(path, family, ids, n_tokens=0):
+    """{"logits": [T, V] fp32 of every prompt position, "state": the package's state list after
+    the prompt, "continuation": n_tokens greedy ids} from the `rwkv` package ("cpu fp32")."""
+    with tempfile.TemporaryDirectory(prefix="rwkv-package-") as tmp:
+        # RWKV_x070 opens NAME + ".pth", RWKV-6 appends .pth when missing: a link named *.pth serves both.
+        model = os.path.join(tmp, "model.pth")
+        os.symlink(os.path.abspath(os.fspath(path)), model)
+        request, result = os.path.join(tmp, "request.pt"), os.path.join(tmp, "result.pt")
+        torch.save({"model": model[:-4], "ids": list(ids), "n_tokens": n_tokens}, request)
+        env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "1" if family == "x070" else "0"}
+        done = subprocess.run([sys.executable, "-m", "src.rwkv_package", request, result], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"The rwkv package could not run {path} ({last}).")
+        return torch.load(result, weights_only=True)
+
+
+def _child(request, result):
+    from rwkv.model import RWKV
+
+    from .generation import WORLD_VOCAB, generate, world_sampler
+    from .sampling import Sampler, SamplingArgs
+    from .tokenizer import world_tokenizer
+
+    job = torch.load(request, weights_only=True)
+    runtime = RWKV(job["model"], strategy="cpu fp32")    # (RWKV_x070 takes no verbose flag)
+    with torch.no_grad():
+        logits, state = runtime.forward(job["ids"], None, full_output=True)
+        logits = logits.float().reshape(len(job["ids"]), -1)
+        state = [s.clone() for s in state]
+        greedy = SamplingArgs(temperature=0, alpha_presence=0, alpha_frequency=0)
+        vocab = logits.shape[-1]
+        sampler = world_sampler(greedy, world_tokenizer()) if vocab == WORLD_VOCAB else Sampler(greedy, vocab)
+        new = list(generate(runtime.forward, job["ids"], job["n_tokens"], sampler)) if job["n_tokens"] else []
+    torch.save({"logits": logits, "state": state, "continuation": new}, result)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RWKV_JIT_ON", "0")
+    with open(os.devnull, "w") as quiet:     # the package prints a banner on import
+        stdout, sys.stdout = sys.stdout, quiet
+        try:
+            _child(*sys.argv[1:3])
+        finally:
+            sys.stdout = stdout

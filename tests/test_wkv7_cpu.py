@@ -1,0 +1,124 @@
+"""The CPU WKV7 op against the float64 step-by-step reference: outputs, the final state and the
+gradients of r, w, k, v, a, b and the initial state; and a broken variant that must fail."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import src.ops.wkv7_cpu as wkv7_cpu_module
+from src.ops import wkv7
+from src.ops.wkv7_cpu import wkv7_cpu
+from src.ops.wkv7_reference import wkv7_reference
+
+NAMES = ("r", "w", "k", "v", "a", "b", "s0")
+
+
+def make_inputs(B, T, H, N, dtype=torch.float64, seed=0, strong=False):
+    """As the model makes them: kk unit-norm per head, a = -kk, b = kk * rate, w <= -0.5
+    (strong: w down to -8 as well, decays from 0.9997 to 0.545)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda: torch.randn(B, T, H, N, generator=g, dtype=torch.float64)  # noqa: E731
+    r, k, v = rand(), rand(), rand()
+    w = -F.softplus(-rand() * (3 if strong else 1)) - 0.5
+    kk = F.normalize(rand(), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rand())
+    s0 = torch.randn(B, H, N, N, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (r, w, k, v, a, b)] + [s0.to(dtype if dtype == torch.float64 else torch.float32)]
+
+
+def outputs_and_grads(fn, inputs, seed=1):
+    """y, final state and every input's gradient of a random linear function of both."""
+    xs = [x.detach().clone().requires_grad_() for x in inputs]
+    y, s = fn(*xs)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gs = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    loss = (y.double() * gy).sum() + (s.double() * gs).sum()
+    grads = torch.autograd.grad(loss, xs)
+    return {"y": y.detach(), "state": s.detach(), **{f"d{n}": gr for n, gr in zip(NAMES, grads)}}
+
+
+def relative_errors(got, want):
+    """max |got - want| / max |want| per tensor: errors against the values' scale."""
+    return {k: ((got[k].double() - want[k]).abs().max() / want[k].abs().max()).item() for k in want}
+
+
+def reference(inputs):
+    return outputs_and_grads(lambda *x: wkv7_reference(*x[:6], x[6]), [x.double() for x in inputs])
+
+
+CASES = [(1, 1, 1, 8, 32), (2, 37, 2, 16, 8), (1, 64, 1, 16, 16), (1, 50, 2, 64, 32), (2, 100, 1, 8, 32)]
+
+
+@pytest.mark.parametrize("B, T, H, N, chunk", CASES)
+def test_float64_equals_the_reference(B, T, H, N, chunk):
+    inputs = make_inputs(B, T, H, N, seed=T)
+    got = outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6], chunk_len=chunk), inputs)
+    errors = relative_errors(got, reference(inputs))
+    assert max(errors.values()) <= 1e-10, errors
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["model-decays", "strong-decays"])
+@pytest.mark.parametrize("B, T, H, N, chunk", CASES[1:])
+def test_float32_within_1e_5_of_the_values_scale(B, T, H, N, chunk, strong):
+    inputs = make_inputs(B, T, H, N, seed=T, strong=strong)
+    got = outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6], chunk_len=chunk), make_inputs(B, T, H, N, torch.float32, T, strong))
+    errors = relative_errors(got, reference(inputs))
+    assert max(errors.values()) <= 1e-5, errors
+    assert got["y"].dtype == torch.float32 and got["state"].dtype == torch.float32
+
+
+def test_bf16_inputs_give_bf16_outputs_within_bf16_rounding():
+    inputs = make_inputs(1, 20, 2, 16, torch.bfloat16, seed=3)
+    got = outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6]), inputs)
+    want = reference([x.double() for x in inputs])     # the same (rounded) inputs
+    assert got["y"].dtype == torch.bfloat16 and got["state"].dtype == torch.float32
+    errors = relative_errors(got, want)
+    assert max(errors.values()) <= 2 ** -7, errors       # one bf16 rounding of the result
+
+
+def test_a_sequence_in_pieces_equals_it_at_once():
+    """The state carried out of one call into the next (with its gradient) is exact."""
+    inputs = make_inputs(1, 30, 2, 8, seed=5)
+
+    def in_pieces(r, w, k, v, a, b, s0):
+        ys, s = [], s0
+        for piece in (slice(0, 7), slice(7, 19), slice(19, 30)):
+            y, s = wkv7_cpu(r[:, piece], w[:, piece], k[:, piece], v[:, piece], a[:, piece], b[:, piece], s, chunk_len=4)
+            ys.append(y)
+        return torch.cat(ys, 1), s
+    errors = relative_errors(outputs_and_grads(in_pieces, inputs), reference(inputs))
+    assert max(errors.values()) <= 1e-10, errors
+
+
+def test_a_broken_recurrence_is_caught(monkeypatch):
+    """Drop the S a b^T term (forward and the backward's recomputation alike): the comparison
+    with the reference must fail, for outputs and gradients."""
+    def steps_without_removal(S, d, k, v, a, b, r, y=None, keep=None):
+        return real(S, d, k, v, torch.zeros_like(a), b, r, y, keep)
+    real = wkv7_cpu_module._steps
+    inputs = make_inputs(1, 20, 1, 8, seed=2)
+    monkeypatch.setattr(wkv7_cpu_module, "_steps", steps_without_removal)
+    errors = relative_errors(outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6]), inputs), reference(inputs))
+    assert errors["y"] > 1e-3 and errors["dw"] > 1e-3, errors
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda x: {**x, "k": x["k"][:, :3]}, "k has shape"),
+    (lambda x: {**x, "state": x["state"][:, :1]}, "state must have shape"),
+    (lambda x: {**x, "r": x["r"][0]}, "shape [B, T, H, N]"),
+    (lambda x: {**x, "op": "gpu"}, "Unknown WKV7 op 'gpu'"),
+])
+def test_bad_input_is_one_clear_sentence(bad, message):
+    r, w, k, v, a, b, s0 = make_inputs(1, 4, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wkv7(**bad(dict(r=r, w=w, k=k, v=v, a=a, b=b, state=s0)))
+
+
+def test_the_cuda_op_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/test_wkv7_cuda_gpu.py covers it")
+    r, w, k, v, a, b, s0 = make_inputs(1, 4, 1, 8, torch.float32)
+    with pytest.raises(Exception, match="GPU"):
+        wkv7(r, w, k, v, a, b, s0, op="cuda")

@@ -1,4 +1,5 @@
-"""Fine-tune an RWKV-6 checkpoint with Bone (or LoRA) adapters under pytorch-lightning and DeepSpeed.
+"""Fine-tune an RWKV-6 (x060) or RWKV-7 (x070) checkpoint with Bone (or LoRA) adapters under
+pytorch-lightning and DeepSpeed; the family is read off the file.
 
 Example (one GPU):
   python train.py --load_model RWKV-x060-World-1B6.pth --data_file data/mydata --data_type binidx \\
@@ -19,7 +20,7 @@ def parse_args(argv=None):
     from src.data import SFT_TEMPLATE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     a = p.add_argument
-    a("--load_model", required=True, help="base RWKV-6 .pth (official layout); all sizes are read off it")
+    a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")
     a("--proj_dir", default="out", help="where adapters, the resume point, log.csv and loss.png go")
     a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file")
     a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     a("--num_nodes", type=int, default=1, help="machines (see README: multi-node)")
     a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
     a("--strategy", default="deepspeed_stage_1", help="deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload | ddp | auto")
-    a("--op", default="auto", help="WKV6 implementation: auto | cuda | cpu")
+    a("--op", default="auto", help="WKV (WKV6 or WKV7) implementation: auto | cuda | cpu")
     a("--peft", default="bone", help="bone | lora | none (none: only --train_parts train, no adapter)")
     a("--bone_config", default=None, help='older JSON form: \'{"bone_mode": "bone", "bone_r": 64, "bone_load": ""}\'')
     a("--bone_r", type=int, default=None, help="Bone block size r (default 64)")
@@ -68,7 +69,7 @@ def parse_args(argv=None):
     a("--bone_load", default=None, help="start from this saved adapter")
     a("--lora_r", type=int, default=8, help="--peft lora: rank")
     a("--lora_alpha", type=float, default=16.0, help="--peft lora: scaling is alpha / r")
-    a("--target_modules", default=None, help="comma-separated; default all 8 projections")
+    a("--target_modules", default=None, help="comma-separated; default all projections (8 in RWKV-6, 6 in RWKV-7)")
     a("--train_parts", default="", help="comma-separated base parts that also train: time, ln, emb, head")
     a("--quant", default="none", help="none | nf4 | fp4 | int8: hold the frozen base quantized (bitsandbytes), "
                                       "dequantized per use; the adapters train in full precision on top")
@@ -158,7 +159,7 @@ def run(args, run_dir):
     from src.training import noise
     noise.silence()
 
-    from src.model import RWKV6
+    from src import family
     from src.data import make_dataset
     from src.training.callbacks import Checkpointer, LearningRateSchedule, QuantizeBase, TrainLog
     from src.training.rundir import run_adapters
@@ -175,8 +176,8 @@ def run(args, run_dir):
     logger = make_logger(args.logger, args.proj_dir)
     pl.seed_everything(args.seed, workers=True)
 
-    model = RWKV6.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
-                                  op=args.op, grad_cp=bool(args.grad_cp))
+    model = family.from_checkpoint(args.load_model, dtype=torch.float32 if precision == "fp32" else None,
+                                   op=args.op, grad_cp=bool(args.grad_cp))
     check_sizes(args, model.config)
     apply_peft(model, args, bone)
     if run_dir is not None:

@@ -1,1 +1,1 @@
-"""RWKV-6 (x060) fine-tuning with Bone adapters."""
+"""RWKV-6 (x060) and RWKV-7 (x070) fine-tuning with Bone adapters."""

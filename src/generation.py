@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .bone import load_adapter, read_adapter
-from .model import RWKV6
+from .family import from_checkpoint
 from .quant import quantize_model
 from .sampling import Sampler, weightless_ids
 
@@ -18,7 +18,7 @@ def load_model(base, adapter=None, dtype=torch.float32, op="cpu", device="cpu", 
     """`base` (an official or merged .pth) with `adapter` applied, for inference, run as the
     adapter was trained: the base held quantized when it records a train.py --quant run.
     apply_adapter=False gives that base alone (quantized the same way), for comparisons."""
-    model = RWKV6.from_checkpoint(base, dtype=dtype, op=op).eval().requires_grad_(False)
+    model = from_checkpoint(base, dtype=dtype, op=op).eval().requires_grad_(False)
     if adapter is not None:
         meta = read_adapter(adapter, mmap=True)[1]
         if apply_adapter:

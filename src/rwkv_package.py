@@ -38,7 +38,7 @@ def _child(request, result):
     from rwkv.model import RWKV
 
     from .generation import WORLD_VOCAB, generate, world_sampler
-    from .sampling import Sampler, SamplingArgs
+    from .sampling import GREEDY, Sampler
     from .tokenizer import world_tokenizer
 
     job = torch.load(request, weights_only=True)
@@ -47,9 +47,8 @@ def _child(request, result):
         logits, state = runtime.forward(job["ids"], None, full_output=True)
         logits = logits.float().reshape(len(job["ids"]), -1)
         state = [s.clone() for s in state]
-        greedy = SamplingArgs(temperature=0, alpha_presence=0, alpha_frequency=0)
         vocab = logits.shape[-1]
-        sampler = world_sampler(greedy, world_tokenizer()) if vocab == WORLD_VOCAB else Sampler(greedy, vocab)
+        sampler = world_sampler(GREEDY, world_tokenizer()) if vocab == WORLD_VOCAB else Sampler(GREEDY, vocab)
         new = list(generate(runtime.forward, job["ids"], job["n_tokens"], sampler)) if job["n_tokens"] else []
     torch.save({"logits": logits, "state": state, "continuation": new}, result)
 

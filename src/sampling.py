@@ -28,6 +28,9 @@ class SamplingArgs:
         return self
 
 
+GREEDY = SamplingArgs(temperature=0, alpha_presence=0, alpha_frequency=0)   # the most likely token, no penalties
+
+
 def distribution(logits, temperature=1.0, top_p=0.85, top_k=0):
     """PIPELINE.sample_logits' distribution (temperature > 0): the softmax; zero below the
     probability at which the descending cumulative sum first reaches top_p (every token kept if

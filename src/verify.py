@@ -2,27 +2,16 @@
 this repository's model gives with the base weights and the adapter active, run the way it was
 trained (the base held quantized when the adapter records a train.py --quant run); then the
 merged model writes a short continuation. Used by merge.py --verify and scripts/verify_merged.py."""
-import os
-
 import torch
 
 from .bone import read_adapter
 from .checkpoint import load_checkpoint
-from .generation import WORLD_VOCAB, generate, load_model, world_sampler
-from .sampling import Sampler, SamplingArgs
+from .generation import WORLD_VOCAB, load_model
+from .rwkv_package import run_rwkv_package
 from .tokenizer import world_tokenizer
 
-GREEDY = SamplingArgs(temperature=0, alpha_presence=0, alpha_frequency=0)
 DEFAULT_PROMPT = "The old lighthouse keeper opened the door and"
 KEPT = 0.1      # the verdict: the merged file may differ from base + adapter by 10% of the adapter's effect
-
-
-def _rwkv_runtime(path):
-    # The rwkv package reads these at its import; its CUDA kernel must not be built here.
-    os.environ.setdefault("RWKV_JIT_ON", "0")
-    os.environ["RWKV_CUDA_ON"] = "0"
-    from rwkv.model import RWKV
-    return RWKV(os.fspath(path), strategy="cpu fp32", verbose=False)
 
 
 def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out=print):
@@ -40,27 +29,26 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
         with torch.no_grad():
             return model(idx)[0][0]
 
-    vocab = load_checkpoint(base)[1].vocab_size
+    config = load_checkpoint(base)[1]
+    vocab = config.vocab_size
     tokenizer = world_tokenizer() if vocab == WORLD_VOCAB else None
     ids = tokenizer.encode(prompt) if tokenizer else [i % vocab for i in range(1, 17)]
     idx = torch.tensor([ids])
     plain, adapted = logits(False), logits(True)
     trained = "" if quant == "none" else f", base held {quant} as in training"
-    runtime = _rwkv_runtime(merged)
-    with torch.no_grad():
-        logits = runtime.forward(ids, None, full_output=True)[0]
-        diff = (logits.float() - adapted).abs().max().item()
-        effect = (plain - adapted).abs().max().item()
-        out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "
-            f"adapter in this repository's model{trained}: {diff:.3e} (the adapter itself moves the logits by up to "
-            f"{effect:.3e})")
-        allowed = max(KEPT * effect, 1e-3 * adapted.abs().max().item())
-        ok = diff <= allowed
-        out(f"verify: {'PASS' if ok else 'FAIL'}: the merged file {'reproduces' if ok else 'does NOT reproduce'} base + "
-            f"adapter (difference {diff / max(effect, 1e-30):.1%} of the adapter's effect; allowed {allowed:.3e})"
-            + ("" if ok else ": merge again with --dtype fp32"))
-        sampler = world_sampler(GREEDY, tokenizer) if tokenizer else Sampler(GREEDY, vocab)
-        new = list(generate(runtime.forward, ids, n_tokens, sampler))
+    # In the package's own process (its RWKV-7 class is chosen at import); greedy, no penalties.
+    package = run_rwkv_package(merged, config.family, ids, n_tokens)
+    diff = (package["logits"] - adapted).abs().max().item()
+    effect = (plain - adapted).abs().max().item()
+    out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "
+        f"adapter in this repository's model{trained}: {diff:.3e} (the adapter itself moves the logits by up to "
+        f"{effect:.3e})")
+    allowed = max(KEPT * effect, 1e-3 * adapted.abs().max().item())
+    ok = diff <= allowed
+    out(f"verify: {'PASS' if ok else 'FAIL'}: the merged file {'reproduces' if ok else 'does NOT reproduce'} base + "
+        f"adapter (difference {diff / max(effect, 1e-30):.1%} of the adapter's effect; allowed {allowed:.3e})"
+        + ("" if ok else ": merge again with --dtype fp32"))
+    new = package["continuation"]
     text = repr(prompt + tokenizer.decode(new)) if tokenizer else f"{ids} -> {new}"
     out(f"verify: the merged model continues the prompt (greedy): {text}")
     return diff, effect, ok

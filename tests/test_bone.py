@@ -360,7 +360,7 @@ def test_bone_r64_parameter_counts_of_the_official_models(n_embd, n_layer, dim_f
 
 def test_legacy_json_config_and_its_bone_load(tmp_path):
     cfg = BoneConfig.from_json('{"bone_mode": "bat", "bone_r": 32, "bone_load": ""}')
-    assert (cfg.mode, cfg.r, cfg.load, list(cfg.target_modules)) == ("bat", 32, None, list(DEFAULT_TARGETS))
+    assert (cfg.mode, cfg.r, cfg.load, cfg.target_modules) == ("bat", 32, None, None)   # None: the model's projections
     assert BoneConfig.from_dict({"bone_load": "", "bone_r": 64}).mode == "bone"
     with pytest.raises(AdapterError, match="Unknown adapter mode 'lora2'"):
         BoneConfig.from_json('{"bone_mode": "lora2", "bone_r": 32}')

@@ -1,4 +1,4 @@
-"""What to adapt and how: BoneConfig (PEFT's options, for RWKV-6), target selection, and the
+"""What to adapt and how: BoneConfig (PEFT's options, for RWKV-6 and RWKV-7), target selection, and the
 train parts (base parameters that train beside the adapters)."""
 import json
 import os
@@ -10,6 +10,8 @@ from typing import Optional, Union
 import torch.nn as nn
 
 MODES = ("bone", "bat", "lora")
+# The 8 RWKV-6 projections; a model's own defaults are its config's default_targets (RWKV-7 has
+# no att.gate or ffn.receptance), which an unset target_modules means.
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
                    "ffn.key", "ffn.receptance", "ffn.value")
 TRAIN_PARTS = ("time", "ln", "emb", "head")
@@ -50,9 +52,14 @@ def _layer_of(name):
     return int(m.group(1)) if m else None
 
 
+# RWKV-7's counterparts of RWKV-6's time_* parameters: the token-shift mixes, the decay,
+# in-context rate, value-residual and gate low-rank parts, and the k_k / k_a / r_k vectors.
+_X070_TIME = re.compile(r"\.att\.(x_[rwkvag]|[wav][012]|g[12]|k_k|k_a|r_k)$|\.ffn\.x_k$")
+
+
 def train_part_of(param_name):
     """Which train part a parameter belongs to (time, ln, emb, head), or None."""
-    if ".time_" in param_name:
+    if ".time_" in param_name or _X070_TIME.search(param_name):
         return "time"
     if re.search(r"(^|\.)(ln0|ln1|ln2|ln_x|ln_out)\.", param_name):
         return "ln"
@@ -69,12 +76,14 @@ class BoneConfig:
 
     r: block size / rank (default 64). mode: "bone", "bat" or "lora"; anything else is an error.
     target_modules: module names or dotted suffixes (a list: exact or suffix match, as PEFT), one
-      regular expression (a string: full match), or "all-linear"; default the 8 RWKV-6 projections.
+      regular expression (a string: full match), or "all-linear"; default (None) the model's
+      projections: the 8 of RWKV-6, the 6 of RWKV-7 (its config's default_targets).
       A list entry or a regex that matches no module is an error.
     exclude_modules: the same forms; modules it matches are left alone.
     layers_to_transform: a layer index or a list of them; only blocks.{i} modules are adapted then.
     rank_pattern: {name, suffix or regex: r} per module; the first matching key wins.
-    train_parts: any of "time" (every .time_* parameter), "ln" (ln0/ln1/ln2/ln_x/ln_out), "emb",
+    train_parts: any of "time" (every .time_* parameter; in RWKV-7 x_*, w/a/v/g low-rank parts,
+      k_k, k_a, r_k), "ln" (ln0/ln1/ln2/ln_x/ln_out), "emb",
       "head": base parameters that train too; the rest of the base is frozen.
     lora_alpha: LoRA only; scaling = lora_alpha / r (None: scaling 1).
     init_weights: True (zero-initialised adapters: the model starts equal to the base); False gives
@@ -99,8 +108,8 @@ class BoneConfig:
         if mode not in MODES:
             raise AdapterError(f"Unknown adapter mode {self.mode!r}: choose one of {', '.join(MODES)}.")
         self.mode = mode
-        if self.target_modules is None or self.target_modules == "all-linear":
-            self.target_modules = list(DEFAULT_TARGETS)
+        if self.target_modules == "all-linear":
+            self.target_modules = None       # the model's own projections, resolved by select()
         self.target_modules = _as_patterns(self.target_modules, "target_modules")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise AdapterError("target_modules is empty: name at least one module to adapt.")
@@ -181,8 +190,11 @@ class BoneConfig:
         """{module path: r} of the nn.Linear modules this config adapts, in model order, or an
         AdapterError naming the pattern that selects nothing or the index out of range."""
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        _check_patterns(self.target_modules, names, "target_modules")
-        chosen = [n for n in names if _spec_matches(self.target_modules, n)]
+        targets = self.target_modules
+        if targets is None:
+            targets = list(getattr(getattr(model, "config", None), "default_targets", DEFAULT_TARGETS))
+        _check_patterns(targets, names, "target_modules")
+        chosen = [n for n in names if _spec_matches(targets, n)]
         if self.exclude_modules is not None:
             _check_patterns(self.exclude_modules, names, "exclude_modules")
             chosen = [n for n in chosen if not _spec_matches(self.exclude_modules, n)]

@@ -131,7 +131,10 @@ def read_adapter(path_or_state_dict, mmap=False):
 
 def _check_fingerprint(meta, mine, source):
     theirs = meta.get("fingerprint")
-    if theirs is not None and mine is not None and dict(theirs) != mine:
+    if theirs is not None and mine is not None:
+        # An RWKV-6 fingerprint names no family (files from before RWKV-7 support stay valid).
+        theirs, mine = {"family": "x060", **dict(theirs)}, {"family": "x060", **mine}
+    if theirs is not None and mine is not None and theirs != mine:
         diff = {k: v for k, v in theirs.items() if mine.get(k) != v}
         raise AdapterError(f"{source} was made for a model with {_describe(diff)}, but this model has "
                            f"{_describe({k: mine.get(k) for k in diff})}: it cannot be loaded here.")
@@ -200,7 +203,7 @@ def load_adapter(model, path_or_state_dict, verbose=False):
 def plan_merge(base_shapes, fingerprint, path_or_state_dict):
     """What merging an adapter into a base checkpoint changes, checked before any work, without
     building a model. base_shapes: {official key: shape} of the base; fingerprint: its
-    RWKV6Config.fingerprint(). Returns (mode, plan), plan = {base key: change} in base order,
+    config.fingerprint(). Returns (mode, plan), plan = {base key: change} in base order,
     where a change is ("merge", adapter tensor or (lora_A, lora_B), scaling) for an adapted
     weight and ("replace", tensor) for a train-part tensor. The file is read with mmap; the
     same refusals as load_adapter, each one sentence (AdapterError)."""

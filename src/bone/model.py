@@ -1,4 +1,4 @@
-"""Applying adapters to an RWKV6 model, counting, merging in memory and unloading."""
+"""Applying adapters to an RWKV model (either family), counting, merging in memory and unloading."""
 from collections import OrderedDict
 
 import torch

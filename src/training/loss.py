@@ -41,7 +41,7 @@ def masked_lm_loss(logits, targets, mask, n_tokens=None, denom=None):
 
 
 def lm_loss(model, idx, targets, mask=None, chunk_ctx=0):
-    """The training loss of an RWKV6 model on a batch: equal, value and gradients, to
+    """The training loss of an RWKV model (either family) on a batch: equal, value and gradients, to
     masked_lm_loss(model(idx)[0], targets, mask), without ever holding the whole batch's logits.
 
     chunk_ctx > 0 runs the sample chunk_ctx tokens at a time: each chunk's blocks are recomputed

@@ -1,4 +1,4 @@
-"""The LightningModule: an (adapted) RWKV6 model, its loss and its optimizer."""
+"""The LightningModule: an (adapted) RWKV model (RWKV-6 or RWKV-7), its loss and its optimizer."""
 import pytorch_lightning as pl
 import torch
 

@@ -1,4 +1,4 @@
-"""Continue a prompt with an RWKV-6 World model: a base with the adapter train.py wrote (no merge
+"""Continue a prompt with an RWKV-6 or RWKV-7 World model: a base with the adapter train.py wrote (no merge
 needed), or a merged file. The prompt is read once, then the model runs one token at a time
 through its state; the continuation streams to stdout. Sampling options mean what they mean in
 the `rwkv` package's PIPELINE_ARGS (and default to its values); --temperature 0 is greedy.

@@ -14,6 +14,7 @@ import generate
 from src.generation import load_model, model_step, world_sampler
 from src.generation import generate as generate_ids
 from src.sampling import Sampler, SamplingArgs, distribution
+from src.rwkv_package import run_rwkv_package
 from src.tokenizer import world_tokenizer
 from tests.test_merge import make_pair, run_merge
 from tests.tiny import rwkv_runtime, save_random_checkpoint
@@ -63,6 +64,24 @@ def test_greedy_on_base_and_adapter_is_greedy_on_the_merged_file_in_the_rwkv_run
     assert out == tokenizer.decode(expected) + "\n"
     # The adapter matters: the base alone continues differently.
     plain = run_generate(capsys, "--model", base, "--prompt", PROMPT, "--max_tokens", 32, "--temperature", 0,
+                         "--token_stop", "", *NO_PENALTY)
+    assert plain != out
+
+
+def test_rwkv7_greedy_is_the_rwkv_package_greedy_on_the_merged_file(tmp_path, capsys):
+    """The same for an x070 base + adapter: generate.py's greedy text is the `rwkv` package's
+    (RWKV_V7_ON=1, its own process) greedy continuation of the fp32-merged file."""
+    base, adapter = make_pair(tmp_path, "world7", "bone", 16, base_dtype="fp32")
+    merged = tmp_path / "merged.pth"
+    assert run_merge("--base_model", base, "--adapter", adapter, "--output", merged, "--dtype", "fp32", "--quiet") is None
+    capsys.readouterr()
+    tokenizer = world_tokenizer()
+    expected = run_rwkv_package(merged, "x070", tokenizer.encode(PROMPT), n_tokens=24)["continuation"]
+    assert len(expected) == 24 and max(expected) < tokenizer.vocab_size
+    out = run_generate(capsys, "--model", base, "--adapter", adapter, "--prompt", PROMPT, "--max_tokens", 24,
+                       "--temperature", 0, "--token_stop", "", *NO_PENALTY)
+    assert out == tokenizer.decode(expected) + "\n"
+    plain = run_generate(capsys, "--model", base, "--prompt", PROMPT, "--max_tokens", 24, "--temperature", 0,
                          "--token_stop", "", *NO_PENALTY)
     assert plain != out
 

@@ -15,17 +15,17 @@ import torch
 
 import src.ops.head_loss as head_loss_mod
 from src.bone import BoneConfig, apply_adapters
-from src.model import RWKV6
+from src.family import from_state_dict
 from src.training.loss import lm_loss, masked_lm_loss
-from tests.tiny import SHAPES, randomize, random_state_dict
+from tests.tiny import ALL, randomize, random_state_dict
 
 T = 64
 
 
-def make_model(mode, train_parts=("time", "ln"), grad_cp=False, targets=None, seed=0, dtype=torch.float32):
+def make_model(mode, train_parts=("time", "ln"), grad_cp=False, targets=None, seed=0, dtype=torch.float32, shape="small"):
     torch.manual_seed(seed)
-    sd = {k: v.to(dtype) for k, v in random_state_dict(SHAPES["small"], seed).items()}
-    model = RWKV6.from_state_dict(sd, grad_cp=grad_cp).train()
+    sd = {k: v.to(dtype) for k, v in random_state_dict(ALL[shape], seed).items()}
+    model = from_state_dict(sd, grad_cp=grad_cp).train()
     apply_adapters(model, BoneConfig(r=16, mode=mode, train_parts=list(train_parts), target_modules=targets,
                                      lora_alpha=16.0 if mode == "lora" else None), verbose=False)
     randomize(model, seed)
@@ -85,8 +85,9 @@ def assert_same(ref, got, truth=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("grad_cp", [False, True])
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
-def test_chunked_pass_equals_the_full_pass(mode, grad_cp, dtype):
-    model = make_model(mode, grad_cp=grad_cp, dtype=dtype)
+@pytest.mark.parametrize("shape", ["small", "small7"])     # RWKV-6 and RWKV-7
+def test_chunked_pass_equals_the_full_pass(mode, grad_cp, dtype, shape):
+    model = make_model(mode, grad_cp=grad_cp, dtype=dtype, shape=shape)
     idx, targets, mask = batch()
     ref = grads(model, lambda: plain(model, idx, targets, mask))
     truth = float64_truth(model, idx, targets, mask) if dtype == torch.float32 else None

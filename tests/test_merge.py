@@ -13,8 +13,9 @@ import torch
 import merge
 from src.bone import BoneConfig, apply_adapters, load_adapter, save_adapter
 from src.checkpoint import DTYPES, atomic_save, load_state_dict, stream_checkpoint
+from src.family import from_checkpoint
 from src.model import RWKV6
-from tests.tiny import SHAPES, randomize, rwkv_runtime, save_random_checkpoint
+from tests.tiny import ALL, SHAPES, package_logits, randomize, rwkv_runtime, save_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ def make_pair(tmp_path, shape="small", mode="bone", r=32, train_parts=("time", "
     """A base checkpoint and a 'trained' adapter for it: random adapter tensors and perturbed
     train-part tensors. Returns (base path, adapter path)."""
     base, _, _ = save_random_checkpoint(tmp_path, shape, seed, dtype=base_dtype)
-    model = RWKV6.from_checkpoint(base, dtype=torch.float32, op="cpu")
+    model = from_checkpoint(base, dtype=torch.float32, op="cpu")
     apply_adapters(model, BoneConfig(r=r, mode=mode, train_parts=list(train_parts), lora_alpha=2 * r), verbose=False)
     randomize(model, seed, scale=0.05)
     g = torch.Generator().manual_seed(seed + 7)
@@ -37,7 +38,7 @@ def make_pair(tmp_path, shape="small", mode="bone", r=32, train_parts=("time", "
 
 
 def adapter_model(base, adapter):
-    return load_adapter(RWKV6.from_checkpoint(base, dtype=torch.float32, op="cpu"), adapter).eval()
+    return load_adapter(from_checkpoint(base, dtype=torch.float32, op="cpu"), adapter).eval()
 
 
 def run_merge(*argv):
@@ -58,6 +59,8 @@ def runtime_logits(path, ids):
     ("small", "bone", 32), ("small", "bat", 32), ("small", "lora", 8),
     ("deep", "bone", 64),     # 96 and 200 are not multiples of 64: padded block sums
     ("deep", "bat", 8),
+    ("small7", "bone", 32), ("small7", "bat", 8), ("small7", "lora", 8),   # RWKV-7: the rwkv package in x070 mode
+    ("deep7", "bone", 64),    # 32 -> 128 and back: r larger than the attention input, padded
 ])
 def test_fp32_merge_matches_the_adapter_model_in_the_rwkv_runtime(tmp_path, shape, mode, r):
     base, adapter = make_pair(tmp_path, shape, mode, r)
@@ -65,11 +68,11 @@ def test_fp32_merge_matches_the_adapter_model_in_the_rwkv_runtime(tmp_path, shap
     assert run_merge("--base_model", base, "--adapter", adapter, "--output", out, "--dtype", "fp32", "--quiet") is None
     merged, base_sd = load_state_dict(out), load_state_dict(base)
     assert list(merged) == list(base_sd) and all(v.dtype == torch.float32 for v in merged.values())
-    ids = torch.randint(0, SHAPES[shape].vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    ids = torch.randint(0, ALL[shape].vocab_size, (24,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ours = adapter_model(base, adapter)(torch.tensor([ids]))[0][0]
-        plain = RWKV6.from_checkpoint(base, dtype=torch.float32, op="cpu")(torch.tensor([ids]))[0][0]
-    theirs = runtime_logits(out, ids)
+        plain = from_checkpoint(base, dtype=torch.float32, op="cpu")(torch.tensor([ids]))[0][0]
+    theirs = package_logits(out, ids)
     assert (theirs - ours).abs().max() <= 1e-4
     assert (plain - ours).abs().max() > 1e-2          # the adapter does change the model
 

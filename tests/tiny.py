@@ -17,7 +17,7 @@ SHAPES = {
 WORLD = RWKV6Config(vocab_size=65536, n_embd=64, n_layer=2, dim_att=64, dim_ffn=224, head_size=32)
 # RWKV-7: two heads and a ffn width that is not 4 x n_embd; one head, three layers, 4 x n_embd.
 SHAPES7 = {
-    "small7": RWKV7Config(vocab_size=260, n_embd=64, n_layer=2, dim_ffn=200, head_size=32,
+    "small7": RWKV7Config(vocab_size=260, n_embd=64, n_layer=2, dim_ffn=192, head_size=32,
                           w_lora=32, a_lora=32, v_lora=16, g_lora=48),
     "deep7": RWKV7Config(vocab_size=300, n_embd=32, n_layer=3, dim_ffn=128, head_size=32,
                          w_lora=16, a_lora=16, v_lora=16, g_lora=32),
@@ -56,6 +56,19 @@ def randomize(model, seed=0, scale=0.05):
         for layer in adapter_layers(model).values():
             for p in layer.adapter_tensors().values():
                 p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def package_logits(path, ids):
+    """The `rwkv` package's logits at every position of ids for the file at path, either family
+    (RWKV-6 in this process, RWKV-7 in a child process set for it: src/rwkv_package.py)."""
+    from src.checkpoint import load_checkpoint
+    from src.rwkv_package import run_rwkv_package
+    family = load_checkpoint(path)[1].family
+    if family == "x060":
+        import torch
+        with torch.no_grad():
+            return rwkv_runtime(str(path)).forward(list(ids), None, full_output=True)[0]
+    return run_rwkv_package(path, family, list(ids))["logits"]
 
 
 def rwkv_runtime(path):

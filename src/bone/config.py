@@ -59,8 +59,11 @@ _X070_TIME = re.compile(r"\.att\.(x_[rwkvag]|[wav][012]|g[12]|k_k|k_a|r_k)$|\.ff
 
 def train_part_of(param_name):
     """Which train part a parameter belongs to (time, ln, emb, head), or None."""
-    if ".time_" in param_name or _X070_TIME.search(param_name):
+    if ".time_" in param_name:
         return "time"
+    if _X070_TIME.search(param_name):
+        # Layer 0 of RWKV-7 keeps its own v: its v0, v1, v2 are stored but never used, so never trained.
+        return None if re.match(r"blocks\.0\.att\.v[012]$", param_name) else "time"
     if re.search(r"(^|\.)(ln0|ln1|ln2|ln_x|ln_out)\.", param_name):
         return "ln"
     if param_name == "emb.weight":

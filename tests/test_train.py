@@ -13,19 +13,30 @@ import torch
 
 from src import bone
 from src.data import write_binidx
+from src.family import from_state_dict
 from src.model import RWKV6
-from tests.tiny import SHAPES, random_state_dict, save_random_checkpoint
+from tests.tiny import SHAPES, SHAPES7, random_state_dict, save_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    model, _, _ = save_random_checkpoint(str(d), "small", seed=0)
+def make_setup(tmp_path_factory, shape):
+    d = tmp_path_factory.mktemp(f"train-{shape}")
+    model, _, _ = save_random_checkpoint(str(d), shape, seed=0)
     # Arithmetic sequences modulo 50: a pattern a small adapter learns within a few steps.
     write_binidx(str(d / "data"), [list((np.arange(300) * 7 + s) % 50 + 1) for s in range(40)])
     return d, model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory, "small")
+
+
+@pytest.fixture(scope="module")
+def setup7(tmp_path_factory):
+    """The same, on an RWKV-7 (x070) base."""
+    return make_setup(tmp_path_factory, "small7")
 
 
 def free_port():
@@ -101,8 +112,10 @@ def test_two_processes_give_the_one_process_adapter(setup, tmp_path):
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a), (a, b)
 
 
-@pytest.mark.parametrize("extra", [[], ["--chunk_ctx", "12"]], ids=["plain", "chunked"])
-def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(setup, tmp_path, extra):
+@pytest.mark.parametrize("base, extra", [("setup", []), ("setup", ["--chunk_ctx", "12"]),
+                                         ("setup7", ["--train_parts", "time,ln"])], ids=["plain", "chunked", "x070"])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(request, tmp_path, base, extra):
+    setup = request.getfixturevalue(base)
     straight = tmp_path / "straight"
     train(setup, straight, "--strategy", "deepspeed_stage_2", "--save_every_steps", "8", *extra, steps=32)
     a = losses(straight)
@@ -124,6 +137,28 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(setup, tmp_path
     for step in range(resumed_from + 1, 33):
         # Same samples, same optimizer state: equal up to fp32 summation order.
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+
+
+def test_rwkv7_trains_with_its_own_targets_and_train_parts(setup7, tmp_path):
+    """An x070 base under ZeRO-2 with --grad_cp, --chunk_ctx and the time train part (x_*, the
+    low-rank parts, k_k / k_a / r_k): the loss falls, the adapter holds the 6 x070 projections
+    and loads into a fresh x070 model, changing its logits."""
+    train(setup7, tmp_path, "--strategy", "deepspeed_stage_2", "--train_parts", "time", "--grad_cp", "1",
+          "--chunk_ctx", "12")
+    loss = losses(tmp_path)
+    assert np.mean([loss[s] for s in range(13, 17)]) < np.mean([loss[s] for s in range(1, 5)]) - 0.1, loss
+    saved = torch.load(latest_adapter(tmp_path), weights_only=True)
+    adapted = {k.rsplit(".", 1)[0].split(".", 2)[2] for k in saved if k.endswith(".bone")}
+    assert adapted == {"att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"}
+    parts = {k for k in saved if k != "__bone_meta__" and not k.endswith(".bone")}
+    assert "blocks.1.att.w1" in parts and "blocks.0.att.k_k" in parts and "blocks.0.att.v1" not in parts
+    model = from_state_dict(random_state_dict(SHAPES7["small7"], seed=0))
+    tokens = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        before = model(tokens)[0]
+        bone.load_adapter(model, latest_adapter(tmp_path))
+        after = model(tokens)[0]
+    assert (after - before).abs().max() > 1e-3
 
 
 def test_grad_cp_with_frozen_embedding_gives_every_bone_parameter_a_gradient():

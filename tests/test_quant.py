@@ -17,6 +17,7 @@ import torch
 import merge
 from src.bone import BoneConfig, apply_adapters, load_adapter, save_adapter
 from src.checkpoint import atomic_save, load_state_dict
+from src.family import from_checkpoint
 from src.model import RWKV6
 from src.quant import QUANT_TYPES, QuantizedWeight, quantize_model
 from tests.test_train import latest_adapter, losses, setup, train  # noqa: F401 (setup is a fixture)
@@ -211,11 +212,11 @@ def test_zero3_with_a_quantized_base_trains(setup, tmp_path):  # noqa: F811
     assert sum(loss[s] for s in range(5, 9)) / 4 < loss[1] - 0.2, loss
 
 
-def trained_pair(tmp_path, mode, quant="nf4", train_parts=("ln",)):
+def trained_pair(tmp_path, mode, quant="nf4", train_parts=("ln",), shape="small"):
     """A fp32 base file and an adapter 'trained' on it held `quant`: random adapter tensors,
     perturbed train parts, saved from the quantized model (so its metadata says so)."""
-    base, _, sd = save_random_checkpoint(str(tmp_path), "small", 0, dtype="fp32")
-    model = RWKV6.from_checkpoint(base, op="cpu")
+    base, _, sd = save_random_checkpoint(str(tmp_path), shape, 0, dtype="fp32")
+    model = from_checkpoint(base, op="cpu")
     apply_adapters(model, BoneConfig(r=16, mode=mode, lora_alpha=32, train_parts=list(train_parts)), verbose=False)
     randomize(model, 1, scale=0.05)
     with torch.no_grad():
@@ -260,6 +261,19 @@ def test_merge_quant_nf4_is_the_rounded_base_plus_the_update(tmp_path, mode):
             else:
                 expect = a.get(k, w)
             assert (merged[k] - expect).abs().max() <= 1e-6, (quant, k)
+
+
+def test_rwkv7_quantized_run_merges_as_trained_and_verifies(tmp_path, capsys):
+    """An adapter trained on an nf4-held x070 base: merge --quant nf4 rounds the same 6 x 2 + 2
+    matrices, and --verify (the rwkv package in x070 mode) finds the adapter model's logits."""
+    base, adapter, base_sd, a = trained_pair(tmp_path, "bone", shape="small7", train_parts=("time", "ln"))
+    assert len(a["__bone_meta__"]["quantized"]) == 6 * 2 + 2
+    assert merge.main(["--base_model", base, "--adapter", str(adapter), "--output", str(tmp_path / "m.pth"),
+                       "--quant", "nf4", "--dtype", "fp32", "--verify", "--quiet"]) is None
+    out = capsys.readouterr().out
+    assert "merge: rounded 14 base tensors through nf4 first" in out and "verify: PASS" in out, out
+    m = re.search(r"base held nf4 as in training: (\S+) \(the adapter itself moves the logits by up to (\S+)\)", out)
+    assert m and float(m.group(1)) <= 1e-4 and float(m.group(2)) > 1e-2, out
 
 
 def test_merge_says_what_it_did(tmp_path, capsys):

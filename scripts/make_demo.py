@@ -1,5 +1,7 @@
-"""The demo's inputs, made once: a small RWKV-6 base model (World vocabulary, x060 init) and a
-generated dataset of short templated stories, tokenized with the World tokenizer into binidx."""
+"""The demo's inputs, made once: a small base model (World vocabulary; RWKV-6 with the x060 init,
+or with --family x070 RWKV-7 with the x070 init) and a generated dataset of short templated
+stories, tokenized with the World tokenizer into binidx."""
+import argparse
 import json
 import os
 import random
@@ -21,12 +23,12 @@ def story(rng):
             f"Now {a} has {x + y} {thing}, and {b} is happy.")
 
 
-def main(out_dir):
+def main(out_dir, family="x060"):
     os.makedirs(out_dir, exist_ok=True)
     base, data = os.path.join(out_dir, "base.pth"), os.path.join(out_dir, "stories")
     if not os.path.exists(base):
-        print(f"making the demo base model {base}")
-        make_checkpoint(base, vocab_size=65536, n_embd=256, n_layer=4, head_size=64, seed=0)
+        print(f"making the demo base model {base} ({family})")
+        make_checkpoint(base, vocab_size=65536, n_embd=256, n_layer=4, head_size=64, seed=0, family=family)
     if not os.path.exists(data + ".idx"):
         rng = random.Random(0)
         jsonl = data + ".jsonl"
@@ -40,4 +42,8 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "out/demo")
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("out_dir", nargs="?", default="out/demo")
+    p.add_argument("--family", choices=("x060", "x070"), default="x060")
+    args = p.parse_args()
+    main(args.out_dir, args.family)

@@ -1,21 +1,26 @@
 #!/bin/sh
-# Merge a trained adapter into its base model: an official-layout .pth for any RWKV-6 runtime.
+# Merge a trained adapter into its base model: an official-layout .pth for any RWKV runtime.
 # Override from the environment: BASE=base.pth ADAPTER=adapter.pth OUTPUT=merged.pth
 # sh scripts/merge_bone.sh; extra arguments go to merge.py (--dtype fp32, --verify, --overwrite...).
 # With no BASE and no ADAPTER it merges the latest adapter of the demo run of scripts/run_bone.sh
-# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it. Relative paths
-# are read from where you stand.
+# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it (MODEL_FAMILY=x070:
+# the RWKV-7 demo's, in out/demo-x070). Relative paths are read from where you stand.
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
-    BASE=$ROOT/out/demo/base.pth
-    ADAPTER=$(ls "$ROOT"/out/demo/run/adapter-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth 2>/dev/null | sort | tail -n 1)
+    case "${MODEL_FAMILY:-x060}" in
+        x060) DEMO=out/demo ;;
+        x070) DEMO=out/demo-x070 ;;
+        *) echo "merge_bone.sh: MODEL_FAMILY must be x060 (RWKV-6) or x070 (RWKV-7), not $MODEL_FAMILY." >&2; exit 2 ;;
+    esac
+    BASE=$ROOT/$DEMO/base.pth
+    ADAPTER=$(ls "$ROOT"/$DEMO/run/adapter-[0-9][0-9][0-9][0-9][0-9][0-9][0-9].pth 2>/dev/null | sort | tail -n 1)
     if [ -z "$ADAPTER" ]; then
-        echo "merge_bone.sh: no adapter in out/demo/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
+        echo "merge_bone.sh: no adapter in $DEMO/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
         exit 1
     fi
-    OUTPUT=${OUTPUT:-$ROOT/out/demo/merged.pth}
+    OUTPUT=${OUTPUT:-$ROOT/$DEMO/merged.pth}
     set -- --overwrite --verify --verify_prompt "Alice has 3 apples. Bob gives Alice" "$@"
 fi
 : "${BASE:?set BASE to the base model .pth}"

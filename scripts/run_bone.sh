@@ -1,19 +1,24 @@
 #!/bin/sh
-# Fine-tune an RWKV-6 checkpoint with Bone. Every setting below can be overridden from the
-# environment (MODEL=... DATA=... sh scripts/run_bone.sh); extra arguments go to train.py.
-# Relative paths are read from where you stand. With no MODEL it runs the demo: a small base
-# model and generated stories, made once in the repository's out/demo, fine-tuned on whatever
-# this machine has.
+# Fine-tune an RWKV-6 or RWKV-7 checkpoint with Bone (the family is read off MODEL). Every
+# setting below can be overridden from the environment (MODEL=... DATA=... sh scripts/run_bone.sh);
+# extra arguments go to train.py. Relative paths are read from where you stand. With no MODEL it
+# runs the demo: a small base model and generated stories, made once in the repository's out/demo
+# (MODEL_FAMILY=x070: an RWKV-7 base, in out/demo-x070), fine-tuned on whatever this machine has.
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 if [ -z "$MODEL" ]; then
     DEMO=1
-    MODEL=$(python "$ROOT/scripts/make_demo.py" "$ROOT/out/demo" | tail -n 1)
-    DATA=${DATA:-$ROOT/out/demo/stories}
+    case "${MODEL_FAMILY:-x060}" in
+        x060) DEMO_DIR=$ROOT/out/demo ;;
+        x070) DEMO_DIR=$ROOT/out/demo-x070 ;;
+        *) echo "run_bone.sh: MODEL_FAMILY must be x060 (RWKV-6) or x070 (RWKV-7), not $MODEL_FAMILY." >&2; exit 2 ;;
+    esac
+    MODEL=$(python "$ROOT/scripts/make_demo.py" "$DEMO_DIR" --family "${MODEL_FAMILY:-x060}" | tail -n 1)
+    DATA=${DATA:-$DEMO_DIR/stories}
     if [ -z "$PROJ_DIR" ]; then
         # The demo's own run directory: running the demo again starts it anew (unless --resume).
-        PROJ_DIR=$ROOT/out/demo/run
+        PROJ_DIR=$DEMO_DIR/run
         case " $* " in *" --resume "*) ;; *) set -- --overwrite "$@" ;; esac
     fi
     CTX_LEN=${CTX_LEN:-128}

@@ -15,6 +15,8 @@ same steps is about 3x slower and keeps several L x L x N temporaries alive.
 """
 import torch
 
+from .chunks import from_chunks, to_chunks
+
 DEFAULT_CHUNK_LEN = 8
 
 
@@ -26,19 +28,6 @@ def wkv6_cpu(r, k, v, w, u, state=None, chunk_len=DEFAULT_CHUNK_LEN):
     return _ChunkedWKV6.apply(r, k, v, w, u, state, chunk_len)
 
 
-def _to_chunks(x, L, dtype):
-    """[B, T, H, N] -> [B, H, n_chunks, L, N] in `dtype`, zero-padded at the end of time."""
-    B, T, H, N = x.shape
-    pad = -T % L
-    x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4).contiguous()
-
-
-def _from_chunks(x, T, dtype):
-    B, H, C, L, N = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
-
-
 class _ChunkedWKV6(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, k, v, w, u, s0, chunk_len):
@@ -48,8 +37,8 @@ class _ChunkedWKV6(torch.autograd.Function):
         T = r.shape[1]
         L = min(chunk_len, T)
         # Padded steps have k = 0 (add nothing) and lw = 0 (decay 1): the state passes through.
-        r, k, v = _to_chunks(r, L, f), _to_chunks(k, L, f), _to_chunks(v, L, f)
-        lw = _to_chunks(-torch.exp(w.to(f)), L, f)
+        r, k, v = to_chunks(r, L, f), to_chunks(k, L, f), to_chunks(v, L, f)
+        lw = to_chunks(-torch.exp(w.to(f)), L, f)
         u = u.to(f)[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
         c = torch.cumsum(lw.double(), dim=-2)
         p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
@@ -77,13 +66,13 @@ class _ChunkedWKV6(torch.autograd.Function):
 
         y = A @ v + b * v + (r * from_start) @ starts
         ctx.save_for_backward(r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts)
-        return _from_chunks(y, T, ctx.dtypes[0]), s
+        return from_chunks(y, T, ctx.dtypes[0]), s
 
     @staticmethod
     def backward(ctx, gy, gs_end):
         r, k, v, lw, u, decay_ts, A, b, from_start, to_end, chunk_decay, starts = ctx.saved_tensors
         T = gy.shape[1]
-        gy = _to_chunks(gy, r.shape[3], ctx.compute_dtype)
+        gy = to_chunks(gy, r.shape[3], ctx.compute_dtype)
         q, k_end = r * from_start, k * to_end
 
         # State gradient back through the chunks: gs_next[:, :, i] = dLoss/dS at the end of chunk i.
@@ -118,7 +107,7 @@ class _ChunkedWKV6(torch.autograd.Function):
         gw = g_lw * lw
 
         dt = ctx.dtypes
-        grads = [_from_chunks(g, T, d) for g, d in zip((gr, gk, gv, gw), dt[:4])]
+        grads = [from_chunks(g, T, d) for g, d in zip((gr, gk, gv, gw), dt[:4])]
         return (*grads, gu.to(dt[4]), gs.to(dt[5]), None)
 
 

@@ -1,99 +1,70 @@
-"""WKV7 for the CPU: the recurrence step by step over all batch rows and heads at once, with
-the state kept only at chunk boundaries and a hand-written backward pass.
+"""Chunked WKV7 for the CPU: the recurrence as batched tensor products within chunks of L steps,
+with a short loop carrying the state from chunk to chunk; autograd gives the backward pass.
 
-The forward pass runs S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T, y_t = S_t r_t
-(see wkv7_reference.py) as batched [B*H, N, N] products, and keeps S at the start of every
-chunk of `chunk_len` steps (not at every step: T x N x N floats would be most of a long
-sample's memory). The backward pass walks the chunks from last to first: it recomputes the
-chunk's states from its start, then carries dLoss/dS back step by step:
-    dS  += dy_t r_t^T                       dr_t = S_t^T dy_t
-    dv_t = dS k_t     dk_t = dS^T v_t       dsa  = dS b_t      db_t = dS^T (S_{t-1} a_t)
-    da_t = S_{t-1}^T dsa                    dd_t[j] = sum_i S_{t-1}[i, j] dS[i, j]
-    dS   = dS diag(d_t) + dsa a_t^T         (the gradient with respect to S_{t-1})
-and dw = dd * d * ln(d), since d = exp(-exp(w)). The state comes in and goes out with its
-gradient, so a sample run in pieces (--chunk_ctx) is exact. Nothing is inverted: no step
-divides by a decay, so no decay, however strong, loses precision.
+The step is S_t = S_{t-1} (D_t + a_t b_t^T) + v_t k_t^T, y_t = S_t r_t (wkv7_reference.py). With
+c the inclusive cumulative sum of the log decays lw = -exp(w) inside a chunk, p the exclusive
+one, S_0 the chunk's starting state and u_t = S_{t-1} a_t (what the state holds along a_t):
+
+    u_t = S_0 (a_t e^{p_t}) + sum_{s<t} A_ab[t, s] u_s + A_ak[t, s] v_s
+          A_xy[t, s] = sum_j x_t[j] y_s[j] e^{p_t[j] - c_s[j]}          (s < t)
+    so U = W S_0^T + U',  W = (I - A_ab)^-1 (a e^p),  U' = (I - A_ab)^-1 A_ak V  (unit lower triangular)
+    y_t = S_0 (r_t e^{c_t}) + sum_{s<=t} B_rb[t, s] u_s + B_rk[t, s] v_s   (B: e^{c_t - c_s}, s <= t)
+        = Q S_0^T + B_rb U' + B_rk V,   Q = r e^c + B_rb W
+    S_end = S_0 M + E,   M = diag(e^{c_L}) + W^T (b e^{c_L - c}),   E = U'^T (b e^{c_L - c}) + V^T (k e^{c_L - c})
+
+Everything but the S_{i+1} = S_i M_i + E_i scan is computed for all chunks at once. Every
+exponent is a sum of log decays over the steps it spans (<= 0), so nothing overflows however
+strong the decay. The state comes in and goes out with its gradient, so a sample run in
+pieces (--chunk_ctx) is exact.
 """
 import torch
 
-DEFAULT_CHUNK_LEN = 32
+from .chunks import from_chunks, to_chunks
+
+DEFAULT_CHUNK_LEN = 16
 
 
 def wkv7_cpu(r, w, k, v, a, b, state=None, chunk_len=DEFAULT_CHUNK_LEN):
-    """Same contract as `src.ops.wkv7.wkv7`: y comes back in r's dtype, the state in fp32."""
-    if state is None:
-        B, _, H, N = r.shape
-        state = torch.zeros(B, H, N, N, device=r.device, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
-    return _WKV7.apply(r, w, k, v, a, b, state, chunk_len)
+    """Same contract as `src.ops.wkv7.wkv7`: y comes back in r's dtype, the state in fp32
+    (float64 inputs stay float64 throughout)."""
+    B, T, H, N = r.shape
+    f = torch.float64 if r.dtype == torch.float64 else torch.float32
+    L = min(chunk_len, T)
+    # Padded steps have r = k = v = a = b = 0 and lw = 0 (decay 1): the state passes through.
+    R, K, V, A, Bb = (to_chunks(x, L, f) for x in (r, k, v, a, b))
+    lw = to_chunks(-torch.exp(w.to(f)), L, f)
+    M, E, Q, y_inside = _chunk_terms(R, K, V, A, Bb, lw)
+    S = torch.zeros(B, H, N, N, dtype=f, device=r.device) if state is None else state.to(f)
+    starts = []
+    for i in range(M.shape[2]):
+        starts.append(S)
+        S = torch.baddbmm(E[:, :, i].reshape(B * H, N, N), S.reshape(B * H, N, N),
+                          M[:, :, i].reshape(B * H, N, N)).view(B, H, N, N)
+    y = Q @ torch.stack(starts, 2).transpose(-1, -2) + y_inside
+    return from_chunks(y, T, r.dtype), S
 
 
-def _rows(x, f):
-    """[B, T, H, N] -> [T, B*H, N] in dtype f: one contiguous slab per step."""
-    B, T, H, N = x.shape
-    return x.to(f).permute(1, 0, 2, 3).reshape(T, B * H, N).contiguous()
+def _pairs(x, y, exponent):
+    """[..., L(t), L(s)]: sum_j x_t[j] y_s[j] exp(exponent[t, s, j])."""
+    return (x.unsqueeze(-2) * y.unsqueeze(-3) * exponent.exp()).sum(-1)
 
 
-def _steps(S, d, k, v, a, b, r, y=None, keep=None):
-    """Run the recurrence from S over the given steps ([L, BH, N] each). Writes y_t into y when
-    given; appends (S_{t-1}, S_{t-1} a_t) to keep when given. Returns the final S."""
-    for t in range(d.shape[0]):
-        sa = torch.bmm(S, a[t].unsqueeze(-1))                          # [BH, N, 1]
-        if keep is not None:
-            keep.append((S, sa))
-        S = torch.baddbmm(torch.baddbmm(S * d[t].unsqueeze(1), sa, b[t].unsqueeze(1)),
-                          v[t].unsqueeze(-1), k[t].unsqueeze(1))
-        if y is not None:
-            torch.bmm(S, r[t].unsqueeze(-1), out=y[t].unsqueeze(-1))
-    return S
-
-
-class _WKV7(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, r, w, k, v, a, b, s0, chunk_len):
-        ctx.dtypes = [x.dtype for x in (r, w, k, v, a, b, s0)]
-        f = torch.float64 if r.dtype == torch.float64 else torch.float32     # float64 stays (gradcheck)
-        B, T, H, N = r.shape
-        ctx.shape, ctx.chunk_len = (B, T, H, N), chunk_len
-        r, k, v, a, b = (_rows(x, f) for x in (r, k, v, a, b))
-        d = torch.exp(-torch.exp(_rows(w, f)))
-        S = s0.to(f).reshape(B * H, N, N)
-        y = r.new_empty(T, B * H, N)
-        starts = []
-        for t0 in range(0, T, chunk_len):
-            starts.append(S)
-            sl = slice(t0, t0 + chunk_len)
-            S = _steps(S, d[sl], k[sl], v[sl], a[sl], b[sl], r[sl], y=y[sl])
-        ctx.save_for_backward(r, d, k, v, a, b, *starts)
-        y = y.view(T, B, H, N).permute(1, 0, 2, 3).to(ctx.dtypes[0])
-        return y, S.view(B, H, N, N).clone()
-
-    @staticmethod
-    def backward(ctx, gy, gs_end):
-        r, d, k, v, a, b, *starts = ctx.saved_tensors
-        B, T, H, N = ctx.shape
-        L = ctx.chunk_len
-        gy = _rows(gy, r.dtype)
-        dS = (torch.zeros_like(starts[0]) if gs_end is None else gs_end.to(r.dtype).reshape(B * H, N, N).clone())
-        grads = {name: torch.empty_like(r) for name in "rwkvab"}
-        for c in range(len(starts) - 1, -1, -1):
-            t0 = c * L
-            sl = slice(t0, min(t0 + L, T))
-            keep = []
-            S_end = _steps(starts[c], d[sl], k[sl], v[sl], a[sl], b[sl], r[sl], keep=keep)
-            for i in range(sl.stop - t0 - 1, -1, -1):
-                t = t0 + i
-                S_prev, sa = keep[i]
-                S_t = keep[i + 1][0] if i + 1 < len(keep) else S_end
-                g = gy[t].unsqueeze(-1)                                    # [BH, N, 1]
-                grads["r"][t] = torch.bmm(S_t.transpose(1, 2), g).squeeze(-1)
-                dS = torch.baddbmm(dS, g, r[t].unsqueeze(1))
-                grads["v"][t] = torch.bmm(dS, k[t].unsqueeze(-1)).squeeze(-1)
-                grads["k"][t] = torch.bmm(dS.transpose(1, 2), v[t].unsqueeze(-1)).squeeze(-1)
-                dsa = torch.bmm(dS, b[t].unsqueeze(-1))                   # [BH, N, 1]
-                grads["b"][t] = torch.bmm(dS.transpose(1, 2), sa).squeeze(-1)
-                grads["a"][t] = torch.bmm(S_prev.transpose(1, 2), dsa).squeeze(-1)
-                grads["w"][t] = (S_prev * dS).sum(1)                       # dLoss/dd_t for now
-                dS = torch.baddbmm(dS * d[t].unsqueeze(1), dsa, a[t].unsqueeze(1))
-        grads["w"] *= d * torch.log(d)                                     # dd/dw = -exp(w) d = d ln d
-        out = [grads[n].view(T, B, H, N).permute(1, 0, 2, 3).to(dt) for n, dt in zip("rwkvab", ctx.dtypes)]
-        return (*out, dS.view(B, H, N, N).to(ctx.dtypes[6]), None)
+def _chunk_terms(R, K, V, A, Bb, lw):
+    """Per chunk: the state map (M, E), Q and the chunk's own part of y (see the module doc)."""
+    L = R.shape[-2]
+    c = lw.cumsum(-2)
+    p = c - lw
+    c_last = c[..., -1:, :]
+    ones = torch.ones(L, L, dtype=torch.bool, device=R.device)
+    before = torch.where(ones.tril(-1)[:, :, None], p.unsqueeze(-2) - c.unsqueeze(-3), -torch.inf)    # s < t
+    up_to = torch.where(ones.tril()[:, :, None], c.unsqueeze(-2) - c.unsqueeze(-3), -torch.inf)      # s <= t
+    A_ab, A_ak = _pairs(A, Bb, before), _pairs(A, K, before)
+    B_rb, B_rk = _pairs(R, Bb, up_to), _pairs(R, K, up_to)
+    lower = torch.eye(L, dtype=R.dtype, device=R.device) - A_ab
+    W = torch.linalg.solve_triangular(lower, A * p.exp(), upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(lower, A_ak @ V, upper=False, unitriangular=True)
+    to_end = (c_last - c).exp()
+    B_end, K_end = Bb * to_end, K * to_end
+    M = torch.diag_embed(c_last.squeeze(-2).exp()) + W.transpose(-1, -2) @ B_end
+    E = U.transpose(-1, -2) @ B_end + V.transpose(-1, -2) @ K_end
+    return M, E, R * c.exp() + B_rb @ W, B_rb @ U + B_rk @ V

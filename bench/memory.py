@@ -1,5 +1,5 @@
 """Memory and speed of one training step (fwd+bwd, Bone r=64): as the sample grows, and with the
-frozen base held quantized (--quant).
+frozen base held quantized (--quant); an RWKV-6 model, or RWKV-7 with --family x070.
 
 Each configuration runs in a fresh process on a random model (default 6 layers, 512 wide, World
 vocabulary, fp32 on the CPU, bf16 autocast on a GPU), one sample of ctx tokens:
@@ -68,16 +68,14 @@ def one_config(args):
     """Runs in the child: build, step, print one JSON line."""
     import torch
     from src.bone import BoneConfig, adapter_layers, apply_adapters
-    from src.checkpoint import default_dim_ffn, trim_heap, x060_state_dict
-    from src.config import RWKV6Config
-    from src.model import RWKV6
+    from src.checkpoint import fresh_state_dict, new_config, trim_heap
+    from src.family import from_state_dict
     from src.training.loss import lm_loss, masked_lm_loss
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
-    cfg = RWKV6Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers, dim_att=args.width,
-                      dim_ffn=default_dim_ffn(args.width), head_size=64)
-    model = RWKV6.from_state_dict(x060_state_dict(cfg), grad_cp=args.config == "grad_cp").to(device).train()
+    cfg = new_config(args.family, args.vocab, args.width, args.layers, head_size=64)
+    model = from_state_dict(fresh_state_dict(cfg), grad_cp=args.config == "grad_cp").to(device).train()
     if args.base != "fp32":
         model = model.to(torch.bfloat16)    # the base as train.py holds it under DeepSpeed's bf16
     apply_adapters(model, BoneConfig(r=64), verbose=False)
@@ -120,7 +118,7 @@ def run_child(args, config, ctx, base="fp32"):
     """One configuration in a fresh process: its row, or None (said) when it failed."""
     cmd = [sys.executable, __file__, "--config", config, "--base", base, "--ctx", str(ctx), "--chunk", str(args.chunk),
            "--layers", str(args.layers), "--width", str(args.width), "--vocab", str(args.vocab),
-           "--repeat", str(args.repeat)]
+           "--repeat", str(args.repeat), "--family", args.family]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode:
         print(f"{base} {config} at ctx {ctx}: failed ({out.stderr.strip().splitlines()[-1:]})", flush=True)
@@ -142,7 +140,7 @@ def ctx_table(args, ctxs):
                       f"extra {gib(row['peak'] - row['base'])}), {ctx / row['seconds']:8.0f} tokens/s", flush=True)
     rows = {k: r for k, r in rows.items() if r}
     device = next(iter(rows.values()))["device"] if rows else "?"
-    print(f"\nL={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample, {device}; "
+    print(f"\n{args.family} L={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample, {device}; "
           f"best of {args.repeat} timed steps each; the ratios:")
     ratio = lambda a, b, f: (f(rows[a]) / f(rows[b])) if a in rows and b in rows else float("nan")  # noqa: E731
     peak, extra, secs = (lambda r: r["peak"]), (lambda r: r["peak"] - r["base"]), (lambda r: r["seconds"])
@@ -166,7 +164,7 @@ def quant_table(args, quants):
                   f"{args.ctx / row['seconds']:6.0f} tokens/s", flush=True)
     rows = {k: r for k, r in rows.items() if r}
     device = next(iter(rows.values()))["device"] if rows else "?"
-    print(f"\nL={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample of {args.ctx} tokens, {device}; "
+    print(f"\n{args.family} L={args.layers} C={args.width} V={args.vocab}, Bone r=64, one sample of {args.ctx} tokens, {device}; "
           f"best of {args.repeat} timed steps each; the ratios:")
     for base in quants:
         if base in rows and "bf16" in rows:
@@ -184,6 +182,7 @@ def main():
     p.add_argument("--layers", type=int, default=None, help="default 6 (24 with --quant)")
     p.add_argument("--width", type=int, default=None, help="default 512 (1024 with --quant)")
     p.add_argument("--vocab", type=int, default=65536)
+    p.add_argument("--family", choices=("x060", "x070"), default="x060", help="RWKV-6 (x060) or RWKV-7 (x070)")
     p.add_argument("--repeat", type=int, default=2, help="timed steps per configuration (the best is kept)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="which of " + ", ".join(CONFIGS))
     p.add_argument("--quant", default=None, help="compare a bf16 base with it held quantized: comma-separated "

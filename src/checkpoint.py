@@ -290,6 +290,19 @@ def _head(shape, g):
     return _orthogonal(shape, 0.5 * math.sqrt(shape[0] / shape[1]) if shape[0] > shape[1] else 0.5, g)
 
 
+def _shared_init(key, shape, layer, L, g):
+    """What both families initialise alike (emb, head, the LayerNorms and ln_x), else None."""
+    if key == "emb.weight":
+        return _uniform(shape, 1e-4, g)
+    if key == "head.weight":
+        return _head(shape, g)
+    if ".ln_x." in key:
+        return torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
+    if ".ln" in key or key.startswith("ln_out"):
+        return torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+    return None
+
+
 def _layer_ratios(key, L):
     layer = int(key.split(".")[1]) if key.startswith("blocks.") else 0
     return layer, (layer / (L - 1) if L > 1 else 0.0), 1.0 - layer / L   # r01: 0 -> 1, r10: 1 -> ~0
@@ -307,14 +320,8 @@ def x060_state_dict(config: RWKV6Config, seed=0):
     for key, shape in config.shapes().items():
         name = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
         layer, r01, r10 = _layer_ratios(key, L)
-        if key == "emb.weight":
-            sd[key] = _uniform(shape, 1e-4, g)
-        elif key == "head.weight":
-            sd[key] = _head(shape, g)
-        elif ".ln_x." in key:
-            sd[key] = torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
-        elif ".ln" in key or key.startswith("ln_out"):
-            sd[key] = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        if (shared := _shared_init(key, shape, layer, L, g)) is not None:
+            sd[key] = shared
         elif name in ("time_maa_x", "time_maa_w", "time_maa_k"):
             sd[key] = 1.0 - ddd.pow(r10)
         elif name == "time_maa_v":
@@ -354,14 +361,8 @@ def x070_state_dict(config: RWKV7Config, seed=0):
         name = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
         layer, r01, r10 = _layer_ratios(key, L)
         vector = lambda t: t.view(1, 1, C).clone()  # noqa: E731
-        if key == "emb.weight":
-            sd[key] = _uniform(shape, 1e-4, g)
-        elif key == "head.weight":
-            sd[key] = _head(shape, g)
-        elif ".ln_x." in key:
-            sd[key] = torch.full(shape, ((1 + layer) / L) ** 0.7) if key.endswith("weight") else torch.zeros(shape)
-        elif ".ln" in key or key.startswith("ln_out"):
-            sd[key] = torch.ones(shape) if key.endswith("weight") else torch.zeros(shape)
+        if (shared := _shared_init(key, shape, layer, L, g)) is not None:
+            sd[key] = shared
         elif ".ffn.x_k" in key:
             sd[key] = 1.0 - ddd.pow(r10 ** 4)
         elif name in mix:

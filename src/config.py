@@ -36,12 +36,10 @@ class RWKV6Config:
 
     def shapes(self):
         """Every official key, in the official order, with its shape."""
-        C, A, F, V = self.n_embd, self.dim_att, self.dim_ffn, self.vocab_size
-        out = OrderedDict({"emb.weight": (V, C)})
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            for ln in ("ln1", "ln2") + (("ln0",) if i == 0 else ()):
-                out[f"{b}{ln}.weight"] = out[f"{b}{ln}.bias"] = (C,)
+        C, A, F = self.n_embd, self.dim_att, self.dim_ffn
+
+        def block(b):
+            out = OrderedDict()
             for m in "xwkvrg":
                 out[f"{b}att.time_maa_{m}"] = (1, 1, C)
             out[f"{b}att.time_maa_w1"] = (C, 5 * self.mix_lora)
@@ -59,9 +57,8 @@ class RWKV6Config:
             out[f"{b}ffn.key.weight"] = (F, C)
             out[f"{b}ffn.receptance.weight"] = (C, C)
             out[f"{b}ffn.value.weight"] = (C, F)
-        out["ln_out.weight"] = out["ln_out.bias"] = (C,)
-        out["head.weight"] = (V, C)
-        return out
+            return out
+        return _layout(self, block)
 
     @classmethod
     def from_state_dict(cls, sd, source="the checkpoint"):
@@ -113,12 +110,10 @@ class RWKV7Config:
 
     def shapes(self):
         """Every official key, in the official order (RWKV-LM's x070 parameter order), with its shape."""
-        C, F, V, H, N = self.n_embd, self.dim_ffn, self.vocab_size, self.n_head, self.head_size
-        out = OrderedDict({"emb.weight": (V, C)})
-        for i in range(self.n_layer):
-            b = f"blocks.{i}."
-            for ln in ("ln1", "ln2") + (("ln0",) if i == 0 else ()):
-                out[f"{b}{ln}.weight"] = out[f"{b}{ln}.bias"] = (C,)
+        C, F, H, N = self.n_embd, self.dim_ffn, self.n_head, self.head_size
+
+        def block(b):
+            out = OrderedDict()
             for m in "rwkvag":
                 out[f"{b}att.x_{m}"] = (1, 1, C)
             for name, width in (("w", self.w_lora), ("a", self.a_lora), ("v", self.v_lora)):
@@ -135,9 +130,8 @@ class RWKV7Config:
             out[f"{b}ffn.x_k"] = (1, 1, C)
             out[f"{b}ffn.key.weight"] = (F, C)
             out[f"{b}ffn.value.weight"] = (C, F)
-        out["ln_out.weight"] = out["ln_out.bias"] = (C,)
-        out["head.weight"] = (V, C)
-        return out
+            return out
+        return _layout(self, block)
 
     @classmethod
     def from_state_dict(cls, sd, source="the checkpoint"):
@@ -182,6 +176,21 @@ def family_of(sd, source="the checkpoint"):
     shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     raise CheckpointError(f"{source} holds {shown}, which is neither an RWKV-6 (x060) nor an RWKV-7 (x070) "
                           "checkpoint (no blocks.0.att.time_maa_x or blocks.0.att.r_k).")
+
+
+def _layout(config, block):
+    """emb, then per layer ln1, ln2 (and ln0 in layer 0) and the family's block(prefix) keys,
+    then ln_out and head: the order both families' files share."""
+    C, V = config.n_embd, config.vocab_size
+    out = OrderedDict({"emb.weight": (V, C)})
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        for ln in ("ln1", "ln2") + (("ln0",) if i == 0 else ()):
+            out[f"{b}{ln}.weight"] = out[f"{b}{ln}.bias"] = (C,)
+        out.update(block(b))
+    out["ln_out.weight"] = out["ln_out.bias"] = (C,)
+    out["head.weight"] = (V, C)
+    return out
 
 
 def _check_dict(sd, source):

@@ -83,14 +83,18 @@ def test_zero_stage_trains_and_saves_a_loadable_adapter(setup, tmp_path, strateg
     assert tensors and all(k.endswith(".bone") or bone.train_part_of(k) == "ln" for k in tensors), tensors
     assert any(k.endswith(".bone") for k in tensors)
     # Complete (not a ZeRO-3 shard): it loads into a fresh model and changes its logits.
-    model = RWKV6.from_state_dict(random_state_dict(SHAPES["small"], seed=0))
+    model = loads_and_changes_the_logits(RWKV6.from_state_dict(random_state_dict(SHAPES["small"], seed=0)), tmp_path)
+    assert all(saved[k].shape == dict(model.named_parameters())[k].shape for k in tensors)
+
+
+def loads_and_changes_the_logits(model, run_dir):
     tokens = torch.arange(1, 33)[None]
     with torch.no_grad():
         before = model(tokens)[0]
-        bone.load_adapter(model, latest_adapter(tmp_path))
+        bone.load_adapter(model, latest_adapter(run_dir))
         after = model(tokens)[0]
     assert (after - before).abs().max() > 1e-3
-    assert all(saved[k].shape == dict(model.named_parameters())[k].shape for k in tensors)
+    return model
 
 
 def test_two_processes_give_the_one_process_adapter(setup, tmp_path):
@@ -152,13 +156,7 @@ def test_rwkv7_trains_with_its_own_targets_and_train_parts(setup7, tmp_path):
     assert adapted == {"att.receptance", "att.key", "att.value", "att.output", "ffn.key", "ffn.value"}
     parts = {k for k in saved if k != "__bone_meta__" and not k.endswith(".bone")}
     assert "blocks.1.att.w1" in parts and "blocks.0.att.k_k" in parts and "blocks.0.att.v1" not in parts
-    model = from_state_dict(random_state_dict(SHAPES7["small7"], seed=0))
-    tokens = torch.arange(1, 33)[None]
-    with torch.no_grad():
-        before = model(tokens)[0]
-        bone.load_adapter(model, latest_adapter(tmp_path))
-        after = model(tokens)[0]
-    assert (after - before).abs().max() > 1e-3
+    loads_and_changes_the_logits(from_state_dict(random_state_dict(SHAPES7["small7"], seed=0)), tmp_path)
 
 
 def test_grad_cp_with_frozen_embedding_gives_every_bone_parameter_a_gradient():

@@ -15,9 +15,11 @@ one, S_0 the chunk's starting state and u_t = S_{t-1} a_t (what the state holds 
 Everything but the S_{i+1} = S_i M_i + E_i scan is computed for all chunks at once. Every
 exponent is a sum of log decays over the steps it spans (<= 0), so nothing overflows however
 strong the decay. The state comes in and goes out with its gradient, so a sample run in
-pieces (--chunk_ctx) is exact.
+pieces (--chunk_ctx) is exact. The chunk terms are recomputed in the backward pass (checkpoint),
+so only the inputs, the per-chunk maps and the chunk states are kept.
 """
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .chunks import from_chunks, to_chunks
 
@@ -33,7 +35,9 @@ def wkv7_cpu(r, w, k, v, a, b, state=None, chunk_len=DEFAULT_CHUNK_LEN):
     # Padded steps have r = k = v = a = b = 0 and lw = 0 (decay 1): the state passes through.
     R, K, V, A, Bb = (to_chunks(x, L, f) for x in (r, k, v, a, b))
     lw = to_chunks(-torch.exp(w.to(f)), L, f)
-    M, E, Q, y_inside = _chunk_terms(R, K, V, A, Bb, lw)
+    # Recomputed in the backward pass rather than kept: autograd would hold several
+    # [L, L, N] pair tensors per chunk, most of a long sample's memory.
+    M, E, Q, y_inside = checkpoint(_chunk_terms, R, K, V, A, Bb, lw, use_reentrant=False)
     S = torch.zeros(B, H, N, N, dtype=f, device=r.device) if state is None else state.to(f)
     starts = []
     for i in range(M.shape[2]):

@@ -130,7 +130,7 @@ def test_failed_build_is_one_sentence_and_restores_arch_list(monkeypatch, tmp_pa
 def test_build_goes_to_a_directory_per_head_size_and_architecture(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     wkv6_cuda._build(32, "80", tmp_path)
     directory = os.path.relpath(seen["build_directory"], tmp_path)
     assert re.fullmatch(r"N32_sm80_torch[0-9A-Za-z._]+_[0-9a-f]{12}", directory), directory
@@ -155,10 +155,10 @@ def test_the_build_directory_is_keyed_by_sources_and_flags(monkeypatch, tmp_path
     shutil.copytree(wkv6_cuda.CUDA_DIR, other)
     with open(other / "wkv6_cuda.cu", "a") as f:
         f.write("// another version\n")
-    monkeypatch.setattr(wkv6_cuda, "CUDA_DIR", other)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "cuda_dir", other)
     assert wkv6_cuda.build_directory(tmp_path, 64, "90") != here
-    monkeypatch.setattr(wkv6_cuda, "build_flags", lambda n: {"extra_cflags": ["-O0"], "extra_cuda_cflags": []})
-    monkeypatch.setattr(wkv6_cuda, "CUDA_DIR", wkv6_cuda.CUDA_DIR)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "build_flags", lambda n: {"extra_cflags": ["-O0"], "extra_cuda_cflags": []})
+    monkeypatch.setattr(wkv6_cuda.BUILD, "cuda_dir", wkv6_cuda.CUDA_DIR)
     assert wkv6_cuda.build_directory(tmp_path, 64, "90") != here
 
 
@@ -169,7 +169,7 @@ def test_a_cached_build_loads_without_the_toolchain(monkeypatch, tmp_path):
     (directory / "wkv6_n64_sm90.so").write_bytes(b"")
     loaded = []
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: pytest.fail("checked the toolchain for a cached build"))
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: pytest.fail("checked the toolchain for a cached build"))
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("rebuilt a cached build"))
     wkv6_cuda._build(64, "90", tmp_path)
     assert loaded == [str(directory / "wkv6_n64_sm90.so")]
@@ -183,7 +183,7 @@ def test_a_killed_builds_locks_are_removed_and_said(monkeypatch, tmp_path, capsy
     dead.wait()
     (directory / "builder.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     (directory / "lock").write_text("")        # torch's FileBaton, left by the killed build
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: None)
     wkv6_cuda._build(64, "90", tmp_path)
     err = capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_a_live_build_is_waited_for_naming_the_file(monkeypatch, tmp_path, capsy
     builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
     (directory / "builder.lock").write_text(json.dumps({"pid": builder.pid, "host": socket.gethostname()}))
     threading.Thread(target=lambda: (builder.wait(), (directory / "builder.lock").unlink())).start()
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: None)
     start = time.time()
     wkv6_cuda._build(64, "90", tmp_path)

@@ -36,12 +36,29 @@ COMPILES = {
 }
 
 
-def _binding_command(stub_dir, out):
+def _binding_command(stub_dir, out, op="wkv6"):
     # nvcc as the driver supplies the CUDA include path; torch headers are system headers so
     # that -Werror applies to our file only.
     includes = [arg for path in cpp_extension.include_paths() for arg in ("-isystem", path)]
-    return [NVCC, "-std=c++20", "-c", str(CUDA_DIR / "wkv6_op.cpp"), "-o", str(out), "-DTORCH_EXTENSION_NAME=wkv6_check",
+    return [NVCC, "-std=c++20", "-c", str(CUDA_DIR / f"{op}_op.cpp"), "-o", str(out),
+            f"-DTORCH_EXTENSION_NAME={op}_check",
             *includes, "-isystem", str(stub_dir), "-Xcompiler", "-fsyntax-only,-Wall,-Wextra,-Werror"]
+
+
+def _stub_headers(tmp):
+    """A CPU build of torch lacks this generated header, which only sets build-time macros."""
+    stub = tmp / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    return stub
+
+
+def run_compiles(commands):
+    """Starts every compile at once (they take seconds each, and there are several cores),
+    then hands out (returncode, output) by name."""
+    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for name, cmd in commands.items()}
+    return {name: (p.wait(), p.stdout.read()) for name, p in running.items()}
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +68,9 @@ def compile_results(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc is not on PATH")
     tmp = tmp_path_factory.mktemp("wkv6_nvcc")
-    # A CPU build of torch lacks this generated header, which only sets build-time macros.
-    stub = tmp / "stub"
-    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
-    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
     commands = {name: make(tmp / f"{i}.o") for i, (name, make) in enumerate(COMPILES.items())}
-    commands["binding"] = _binding_command(stub, tmp / "binding.o")
-    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for name, cmd in commands.items()}
-    return {name: (p.wait(), p.stdout.read()) for name, p in running.items()}
+    commands["binding"] = _binding_command(_stub_headers(tmp), tmp / "binding.o")
+    return run_compiles(commands)
 
 
 @needs_nvcc

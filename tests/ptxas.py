@@ -1,9 +1,10 @@
 """Register, spill and code-size figures of the CUDA kernels, from nvcc alone (no GPU needed).
 
-`report(...)` compiles cuda/wkv6_cuda.cu to a cubin with `-Xptxas -v`, reads each kernel's
-registers, spill bytes and shared memory from ptxas's report and its code size from the
-cubin's `.text.<kernel>` section (`readelf -S`). tests/test_wkv6_cuda_build.py asserts on
-them; `python -m tests.ptxas [--arch 90] [--N 64]` prints them (docs/cuda-kernel.md).
+`report(...)` compiles cuda/wkv6_cuda.cu (or `source=WKV7_SOURCE`, cuda/wkv7_cuda.cu) to a
+cubin with `-Xptxas -v`, reads each kernel's registers, spill bytes and shared memory from
+ptxas's report and its code size from the cubin's `.text.<kernel>` section (`readelf -S`).
+tests/test_wkv6_cuda_build.py and tests/test_wkv7_cuda_build.py assert on them;
+`python -m tests.ptxas [--op wkv6|wkv7] [--arch 90] [--N 64]` prints them (docs/wkv6.md, docs/wkv7.md).
 """
 import argparse
 import os
@@ -12,8 +13,11 @@ import shutil
 import subprocess
 import tempfile
 
-CUDA_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda", "wkv6_cuda.cu")
-KERNELS = ("wkv6_forward_kernel", "wkv6_backward_columns_kernel", "wkv6_backward_rows_kernel")
+CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda")
+CUDA_SOURCE = os.path.join(CUDA_DIR, "wkv6_cuda.cu")
+WKV7_SOURCE = os.path.join(CUDA_DIR, "wkv7_cuda.cu")
+KERNELS = ("wkv6_forward_kernel", "wkv6_backward_columns_kernel", "wkv6_backward_rows_kernel",
+           "wkv7_forward_kernel", "wkv7_backward_kernel")
 
 
 def cubin_command(nvcc, source, out, arch, head_size, flags=()):
@@ -59,7 +63,7 @@ def report(arch=90, head_size=64, flags=(), nvcc=None, source=CUDA_SOURCE):
     """{short kernel name: figures}, or raises CalledProcessError with the compiler output."""
     nvcc = nvcc or shutil.which("nvcc")
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "wkv6.cubin")
+        cubin = os.path.join(tmp, "kernels.cubin")
         run = subprocess.run(cubin_command(nvcc, source, cubin, arch, head_size, flags),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if run.returncode != 0:
@@ -72,8 +76,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--N", type=int, nargs="+", default=[64])
-    parser.add_argument("--source", default=CUDA_SOURCE)
+    parser.add_argument("--op", choices=["wkv6", "wkv7"], default="wkv6")
+    parser.add_argument("--source", help="a kernel source instead of cuda/{op}_cuda.cu")
     args = parser.parse_args()
+    args.source = args.source or os.path.join(CUDA_DIR, f"{args.op}_cuda.cu")
     print("| arch | N | kernel | registers | spill stores/loads (B) | shared memory (B) | code (KB) |")
     print("|---|---|---|---|---|---|---|")
     for arch in args.arch:

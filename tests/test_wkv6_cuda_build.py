@@ -36,12 +36,29 @@ COMPILES = {
 }
 
 
-def _binding_command(stub_dir, out):
+def _binding_command(stub_dir, out, op="wkv6"):
     # nvcc as the driver supplies the CUDA include path; torch headers are system headers so
     # that -Werror applies to our file only.
     includes = [arg for path in cpp_extension.include_paths() for arg in ("-isystem", path)]
-    return [NVCC, "-std=c++20", "-c", str(CUDA_DIR / "wkv6_op.cpp"), "-o", str(out), "-DTORCH_EXTENSION_NAME=wkv6_check",
+    return [NVCC, "-std=c++20", "-c", str(CUDA_DIR / f"{op}_op.cpp"), "-o", str(out),
+            f"-DTORCH_EXTENSION_NAME={op}_check",
             *includes, "-isystem", str(stub_dir), "-Xcompiler", "-fsyntax-only,-Wall,-Wextra,-Werror"]
+
+
+def _stub_headers(tmp):
+    """A CPU build of torch lacks this generated header, which only sets build-time macros."""
+    stub = tmp / "stub"
+    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
+    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    return stub
+
+
+def run_compiles(commands):
+    """Starts every compile at once (they take seconds each, and there are several cores),
+    then hands out (returncode, output) by name."""
+    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for name, cmd in commands.items()}
+    return {name: (p.wait(), p.stdout.read()) for name, p in running.items()}
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +68,9 @@ def compile_results(tmp_path_factory):
     if NVCC is None:
         pytest.skip("nvcc is not on PATH")
     tmp = tmp_path_factory.mktemp("wkv6_nvcc")
-    # A CPU build of torch lacks this generated header, which only sets build-time macros.
-    stub = tmp / "stub"
-    (stub / "c10" / "cuda" / "impl").mkdir(parents=True)
-    (stub / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text("#pragma once\n")
     commands = {name: make(tmp / f"{i}.o") for i, (name, make) in enumerate(COMPILES.items())}
-    commands["binding"] = _binding_command(stub, tmp / "binding.o")
-    running = {name: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for name, cmd in commands.items()}
-    return {name: (p.wait(), p.stdout.read()) for name, p in running.items()}
+    commands["binding"] = _binding_command(_stub_headers(tmp), tmp / "binding.o")
+    return run_compiles(commands)
 
 
 @needs_nvcc
@@ -130,7 +141,7 @@ def test_failed_build_is_one_sentence_and_restores_arch_list(monkeypatch, tmp_pa
 def test_build_goes_to_a_directory_per_head_size_and_architecture(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     wkv6_cuda._build(32, "80", tmp_path)
     directory = os.path.relpath(seen["build_directory"], tmp_path)
     assert re.fullmatch(r"N32_sm80_torch[0-9A-Za-z._]+_[0-9a-f]{12}", directory), directory
@@ -155,10 +166,10 @@ def test_the_build_directory_is_keyed_by_sources_and_flags(monkeypatch, tmp_path
     shutil.copytree(wkv6_cuda.CUDA_DIR, other)
     with open(other / "wkv6_cuda.cu", "a") as f:
         f.write("// another version\n")
-    monkeypatch.setattr(wkv6_cuda, "CUDA_DIR", other)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "cuda_dir", other)
     assert wkv6_cuda.build_directory(tmp_path, 64, "90") != here
-    monkeypatch.setattr(wkv6_cuda, "build_flags", lambda n: {"extra_cflags": ["-O0"], "extra_cuda_cflags": []})
-    monkeypatch.setattr(wkv6_cuda, "CUDA_DIR", wkv6_cuda.CUDA_DIR)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "build_flags", lambda n: {"extra_cflags": ["-O0"], "extra_cuda_cflags": []})
+    monkeypatch.setattr(wkv6_cuda.BUILD, "cuda_dir", wkv6_cuda.CUDA_DIR)
     assert wkv6_cuda.build_directory(tmp_path, 64, "90") != here
 
 
@@ -169,7 +180,7 @@ def test_a_cached_build_loads_without_the_toolchain(monkeypatch, tmp_path):
     (directory / "wkv6_n64_sm90.so").write_bytes(b"")
     loaded = []
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: pytest.fail("checked the toolchain for a cached build"))
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: pytest.fail("checked the toolchain for a cached build"))
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("rebuilt a cached build"))
     wkv6_cuda._build(64, "90", tmp_path)
     assert loaded == [str(directory / "wkv6_n64_sm90.so")]
@@ -183,7 +194,7 @@ def test_a_killed_builds_locks_are_removed_and_said(monkeypatch, tmp_path, capsy
     dead.wait()
     (directory / "builder.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
     (directory / "lock").write_text("")        # torch's FileBaton, left by the killed build
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: None)
     wkv6_cuda._build(64, "90", tmp_path)
     err = capsys.readouterr().err
@@ -198,7 +209,7 @@ def test_a_live_build_is_waited_for_naming_the_file(monkeypatch, tmp_path, capsy
     builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
     (directory / "builder.lock").write_text(json.dumps({"pid": builder.pid, "host": socket.gethostname()}))
     threading.Thread(target=lambda: (builder.wait(), (directory / "builder.lock").unlink())).start()
-    monkeypatch.setattr(wkv6_cuda, "check_toolchain", lambda: None)
+    monkeypatch.setattr(wkv6_cuda.BUILD, "check_toolchain", lambda: None)
     monkeypatch.setattr(cpp_extension, "load", lambda **kw: None)
     start = time.time()
     wkv6_cuda._build(64, "90", tmp_path)

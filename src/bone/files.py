@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import atomic_save, load_state_dict
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
 from .functional import adapter_shapes
-from .model import _attach, _build_layers, _state, adapter_layers
+from .state import _attach, _build_layers, _state, adapter_layers
 
 META_KEY = "__bone_meta__"
 FILE_FORMAT = "rwkv6-adapter"

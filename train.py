@@ -363,9 +363,11 @@ def make_logger(name, proj_dir):
 
 
 def resume_point(args):
+    from src.training.rundir import check_resume_point
     for name in ("resume", "resume.old"):  # .old survives a crash between the two renames of a save
         path = os.path.join(args.proj_dir, name)
         if os.path.exists(path):
+            check_resume_point(path)
             return path
     raise FileNotFoundError(f"--resume: {args.proj_dir} has no resume point; start without --resume.")
 

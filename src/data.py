@@ -184,8 +184,8 @@ def iter_jsonl(path, fields):
                 reason = getattr(e, "msg", None) or "nested too deeply"
                 raise DataError(f"{path} line {n} is not valid JSON ({reason}).") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path} line {n} is a JSON {type(record).__name__}, not an object with the "
-                                f'"{fields[0]}" field.')
+                raise DataError(f'{path} line {n} has no "{fields[0]}" field (it is a JSON {type(record).__name__}, '
+                                "not an object).")
             values = []
             for field in fields:
                 if field not in record:

@@ -116,6 +116,9 @@ def check_args(args):
                                ("--chunk_ctx", args.chunk_ctx, 0), ("--save_every_minutes", args.save_every_minutes, 0)):
         if value < least:
             raise ValueError(f"{flag} {value} is too small: it must be at least {least}.")
+    if args.chunk_ctx > args.ctx_len:
+        raise ValueError(f"--chunk_ctx {args.chunk_ctx} is larger than --ctx_len {args.ctx_len}: a sample would be one "
+                         f"piece; give a --chunk_ctx below {args.ctx_len}, or 0 for off.")
     for flag, value in (("--lr_init", args.lr_init), ("--lr_final", args.lr_final), ("--adam_eps", args.adam_eps)):
         if not value > 0:
             raise ValueError(f"{flag} {value} must be a positive number (for example {flag} 2e-5).")
@@ -140,7 +143,7 @@ def check_args(args):
     from src.training.strategy import make_strategy
     make_strategy(args.strategy, accelerator)      # refuses an unknown strategy now
     check_quant(args)
-    check_logger(args.logger)
+    check_logger(args.logger, args.proj_dir)
     from src.training.validation import check_args as check_validation
     check_validation(args)
     if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
@@ -339,14 +342,19 @@ def check_run(run_dir, args, now, total_steps):
     run_dir.record(settings=now, total_steps=total_steps)
 
 
-def check_logger(name):
-    """--logger names one we know, and its package is installed (one sentence otherwise)."""
+def check_logger(name, proj_dir=None):
+    """--logger names one we know, its package is installed, and tensorboard's folder in proj_dir
+    can be written (one sentence otherwise; nothing is made here)."""
     import importlib.util
     if name not in ("csv", "tensorboard", "wandb"):
         raise ValueError(f"Unknown --logger {name!r}: choose csv, tensorboard or wandb.")
     if name != "csv" and importlib.util.find_spec(name) is None:
         raise ValueError(f"--logger {name} needs the {name} package, which is not installed: "
                          f"pip install {name}, or use --logger csv.")
+    events = os.path.join(proj_dir, "tensorboard") if proj_dir and name == "tensorboard" else None
+    if events and os.path.lexists(events) and not (os.path.isdir(events) and os.access(events, os.W_OK | os.X_OK)):
+        raise ValueError(f"--logger tensorboard writes into {events}, which is not a writable directory: move what is "
+                         "there away, or use --logger csv.")
     return name
 
 

@@ -182,16 +182,17 @@ def run(args, run_dir):
                                   op=args.op, grad_cp=bool(args.grad_cp))
     check_sizes(args, model.config)
     apply_peft(model, args, bone)
+    # The data before run.json is written: bad data is refused with the run directory as it was.
+    dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
+                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
+                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
+    val_dataset = validation_dataset(args, model.config.vocab_size)
     if run_dir is not None:
         print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
               f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
               f"tokens into {args.proj_dir}" + (f", each sample in pieces of {args.chunk_ctx} tokens"
                                                  if 0 < args.chunk_ctx < args.ctx_len else ""), flush=True)
         check_run(run_dir, args, settings(model, args, bone), total_steps)
-    dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
-                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
-    val_dataset = validation_dataset(args, model.config.vocab_size)
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps

@@ -126,3 +126,42 @@ def test_generate_bad_input(setup, tmp_path):
             main=generate.main)
     refused(["--model", setup[1], "--prompt", "Hi"], r"has a vocabulary of 260 ids, not the World tokenizer's",
             tmp_path, main=generate.main)
+
+
+# --- adapter metadata, run.json and the resume point, through the commands --------------------------------
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda m: m.pop("mode"), r"without its mode field"),
+    (lambda m: m.update(extra=1), r"an unknown field 'extra'"),
+    (lambda m: m.update(train_parts="ln"), r"train_parts is the string 'ln', not a list"),
+    (lambda m: m.update(fingerprint=[1, 2]), r"fingerprint is a list, not a dict"),
+    (lambda m: m.update(quant=3), r"quant is 3, not one of none"),
+])
+def test_adapter_metadata_fields_through_merge(tmp_path, change, pattern):
+    import merge
+    import torch
+    from src.checkpoint import atomic_save, load_state_dict
+    from tests.test_merge import make_pair
+    base, adapter = make_pair(tmp_path, "small", "bone", 32)
+    sd = load_state_dict(adapter, mmap=False)
+    meta = dict(sd["__bone_meta__"])
+    change(meta)
+    atomic_save({**sd, "__bone_meta__": meta}, tmp_path / "bad.pth")
+    refused(["--base_model", base, "--adapter", str(tmp_path / "bad.pth"), "--output", str(tmp_path / "m.pth")],
+            r"bad.pth has adapter metadata .*" + pattern, tmp_path, main=merge.main)
+    assert torch is not None
+
+
+def test_damaged_run_json_and_resume_point(setup, tmp_path):
+    from tests.test_train import train as run_train
+    out = tmp_path / "out"
+    run_train(setup, out, "--strategy", "deepspeed_stage_2", steps=8)
+    good = (out / "run.json").read_bytes()
+    (out / "run.json").write_text('{"settings": {}, "total_steps": "8"}')
+    refused(args(setup, out, "--resume", steps=16), r"run.json is a run record with a field of the wrong type "
+                                                    r"\(total_steps is the string '8'", out)
+    (out / "run.json").write_bytes(good)
+    model_states = out / "resume" / "checkpoint" / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:1000])
+    refused(args(setup, out, "--resume", steps=16), r"the resume point .*resume is damaged \(mp_rank_00_model_states.pt "
+                                                    r"is not a complete PyTorch file", out)

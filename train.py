@@ -117,6 +117,9 @@ def check_args(args):
                                ("--chunk_ctx", args.chunk_ctx, 0), ("--save_every_minutes", args.save_every_minutes, 0)):
         if value < least:
             raise ValueError(f"{flag} {value} is too small: it must be at least {least}.")
+    if args.chunk_ctx > args.ctx_len:
+        raise ValueError(f"--chunk_ctx {args.chunk_ctx} is larger than --ctx_len {args.ctx_len}: a sample would be one "
+                         f"piece; give a --chunk_ctx below {args.ctx_len}, or 0 for off.")
     for flag, value in (("--lr_init", args.lr_init), ("--lr_final", args.lr_final), ("--adam_eps", args.adam_eps)):
         if not value > 0:
             raise ValueError(f"{flag} {value} must be a positive number (for example {flag} 2e-5).")
@@ -141,7 +144,7 @@ def check_args(args):
     from src.training.strategy import make_strategy
     make_strategy(args.strategy, accelerator)      # refuses an unknown strategy now
     check_quant(args)
-    check_logger(args.logger)
+    check_logger(args.logger, args.proj_dir)
     from src.training.validation import check_args as check_validation
     check_validation(args)
     if (args.op == "cuda" or accelerator == "gpu") and not torch.cuda.is_available():
@@ -180,16 +183,17 @@ def run(args, run_dir):
                                    op=args.op, grad_cp=bool(args.grad_cp))
     check_sizes(args, model.config)
     apply_peft(model, args, bone)
+    # The data before run.json is written: bad data is refused with the run directory as it was.
+    dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
+                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
+                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
+    val_dataset = validation_dataset(args, model.config.vocab_size)
     if run_dir is not None:
         print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
               f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
               f"tokens into {args.proj_dir}" + (f", each sample in pieces of {args.chunk_ctx} tokens"
                                                  if 0 < args.chunk_ctx < args.ctx_len else ""), flush=True)
         check_run(run_dir, args, settings(model, args, bone), total_steps)
-    dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
-                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
-    val_dataset = validation_dataset(args, model.config.vocab_size)
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps
@@ -340,14 +344,19 @@ def check_run(run_dir, args, now, total_steps):
     run_dir.record(settings=now, total_steps=total_steps)
 
 
-def check_logger(name):
-    """--logger names one we know, and its package is installed (one sentence otherwise)."""
+def check_logger(name, proj_dir=None):
+    """--logger names one we know, its package is installed, and tensorboard's folder in proj_dir
+    can be written (one sentence otherwise; nothing is made here)."""
     import importlib.util
     if name not in ("csv", "tensorboard", "wandb"):
         raise ValueError(f"Unknown --logger {name!r}: choose csv, tensorboard or wandb.")
     if name != "csv" and importlib.util.find_spec(name) is None:
         raise ValueError(f"--logger {name} needs the {name} package, which is not installed: "
                          f"pip install {name}, or use --logger csv.")
+    events = os.path.join(proj_dir, "tensorboard") if proj_dir and name == "tensorboard" else None
+    if events and os.path.lexists(events) and not (os.path.isdir(events) and os.access(events, os.W_OK | os.X_OK)):
+        raise ValueError(f"--logger tensorboard writes into {events}, which is not a writable directory: move what is "
+                         "there away, or use --logger csv.")
     return name
 
 
@@ -364,9 +373,11 @@ def make_logger(name, proj_dir):
 
 
 def resume_point(args):
+    from src.training.rundir import check_resume_point
     for name in ("resume", "resume.old"):  # .old survives a crash between the two renames of a save
         path = os.path.join(args.proj_dir, name)
         if os.path.exists(path):
+            check_resume_point(path)
             return path
     raise FileNotFoundError(f"--resume: {args.proj_dir} has no resume point; start without --resume.")
 

@@ -73,7 +73,23 @@ class BinIdx:
         end = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize
         if end != bin_bytes:  # also what a .bin paired with another .idx looks like
             raise DataError(f"{idx} describes {end} bytes of tokens but {prefix}.bin holds {bin_bytes}: the two files do not belong together.")
+        if bin_bytes == 0:
+            raise DataError(f"{prefix}.bin is empty: it holds no tokens.")
+        self.check_index(idx, prefix + ".bin", bin_bytes)
         self.tokens = np.memmap(prefix + ".bin", self.dtype, "r")
+
+    def check_index(self, idx, bin_path, bin_bytes, chunk=1 << 22):
+        """Every sequence of the .idx lies inside the .bin: sizes >= 0, pointers aligned to the
+        token size, each sequence ending within the file (in slices: a memmap is streamed)."""
+        size = self.dtype.itemsize
+        for i in range(0, len(self.sizes), chunk):
+            sizes, pointers = np.asarray(self.sizes[i:i + chunk], np.int64), np.asarray(self.pointers[i:i + chunk])
+            bad = np.flatnonzero((sizes < 0) | (pointers < 0) | (pointers % size != 0)
+                                 | (pointers + sizes * size > bin_bytes))
+            if len(bad):
+                j = i + int(bad[0])
+                raise DataError(f"{idx} puts sequence {j} ({int(self.sizes[j])} tokens at byte {int(self.pointers[j])}) "
+                                f"outside {bin_path}, which holds {bin_bytes} bytes: the index is corrupt.")
 
     def __len__(self):
         return len(self.sizes)
@@ -159,15 +175,28 @@ def iter_jsonl(path, fields):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path} line {n} is not valid JSON ({getattr(e, 'msg', e)}).") from None
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {n} is not UTF-8 text (byte {e.start + 1} of the line).") from None
+            try:
+                record = json.loads(text)
+            except (ValueError, RecursionError) as e:
+                reason = getattr(e, "msg", None) or "nested too deeply"
+                raise DataError(f"{path} line {n} is not valid JSON ({reason}).") from None
+            if not isinstance(record, dict):
+                raise DataError(f'{path} line {n} has no "{fields[0]}" field (it is a JSON {type(record).__name__}, '
+                                "not an object).")
             values = []
             for field in fields:
-                if not isinstance(record, dict) or field not in record:
+                if field not in record:
                     raise DataError(f'{path} line {n} has no "{field}" field.')
                 if not isinstance(record[field], str):
                     raise DataError(f'{path} line {n}: "{field}" is not a string.')
+                try:
+                    record[field].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise DataError(f'{path} line {n}: "{field}" holds an unpaired surrogate escape, '
+                                    "not Unicode text.") from None
                 values.append(record[field])
             found += 1
             yield n, values, done

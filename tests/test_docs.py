@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_readme_is_short_and_links_every_docs_page():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
-    assert len(readme.encode()) <= 24 * 1024, f"README.md is {len(readme.encode())} bytes; move internals to docs/"
+    assert len(readme.encode()) <= 16 * 1024, f"README.md is {len(readme.encode())} bytes; move internals to docs/"
     linked = set(re.findall(r"\]\((docs/[^)#]+)", readme))
     pages = {f"docs/{n}" for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md")}
     assert pages <= linked, f"docs pages the README does not link: {sorted(pages - linked)}"
@@ -22,11 +22,11 @@ def test_readme_is_short_and_links_every_docs_page():
 
 @pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py"])
 def test_readme_documents_every_option(script):
-    """Every option --help lists has a row in the README's tables."""
+    """Every option --help lists has a row in docs/options.md's tables (the README keeps the few a first run needs)."""
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, "docs", "options.md"), encoding="utf-8") as f:
         readme = f.read()
     options = set(re.findall(r"(--[a-z0-9_-]*[a-z0-9])", help_text)) - {"--help"}
     assert len(options) > 8
     missing = sorted(o for o in options if f"`{o}`" not in readme)
-    assert not missing, f"{script} options the README does not document: {missing}"
+    assert not missing, f"{script} options docs/options.md does not document: {missing}"

@@ -4,8 +4,12 @@ tuners, one idea per module:
 - ``config``: BoneConfig, target selection, train parts
 - ``functional``: the adapter math, its only home (the products, their backward passes, the merge)
 - ``layers``: BoneLinear, BatLinear, LoraLinear (a frozen nn.Linear with adapter tensors beside it)
-- ``model``: apply_adapters, merge_and_unload, unload, counting
+- ``state``: what apply_adapters leaves on a model; building and attaching adapter layers
 - ``files``: adapter files (ours and the older repository's), load_adapter, plan_merge
+- ``model``: apply_adapters, merge_and_unload, unload, counting
+
+Imports go one way: config, functional, layers <- state <- files <- model (no module imports
+one that imports it back; tests/test_no_surprises2.py reads them).
 
 Usage::
 

@@ -15,9 +15,10 @@ from collections import OrderedDict
 import torch
 
 from ..checkpoint import atomic_save, load_state_dict
+from ..validate import check_fields, is_int, is_number, is_str_list, non_finite, show
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
 from .functional import adapter_shapes
-from .model import _attach, _build_layers, _state, adapter_layers
+from .state import _attach, _build_layers, _state, adapter_layers
 
 META_KEY = "__bone_meta__"
 FILE_FORMAT = "rwkv6-adapter"
@@ -66,23 +67,55 @@ def save_adapter(model, path):
     atomic_save(adapter_state_dict(model), path)
 
 
+QUANT_NAMES = ("none", "nf4", "fp4", "int8")     # src/quant.py's QUANT_TYPES (not imported: it imports this package)
+
+
+def _is_ranks(v):
+    return isinstance(v, dict) and all(isinstance(k, str) for k in v)
+
+
+def _is_fingerprint(v):
+    return v is None or (isinstance(v, dict) and bool(v) and all(
+        isinstance(k, str) and (is_int(x, 1) or isinstance(x, str)) for k, x in v.items()))
+
+
+# Every field of __bone_meta__: (required, what it must be, test). quant and quantized came later:
+# files written before have neither, and read as quant none.
+META_SCHEMA = {
+    "format": (True, f"the string {FILE_FORMAT!r}", lambda v: v == FILE_FORMAT),
+    "version": (True, "a whole number", lambda v: is_int(v, 0)),
+    "mode": (True, f"one of {', '.join(MODES)}", lambda v: isinstance(v, str) and v in MODES),
+    "r": (True, "a dict of module name -> r", _is_ranks),
+    "targets": (True, "a list of module names", is_str_list),
+    "train_parts": (True, f"a list of {', '.join(TRAIN_PARTS)}", lambda v: is_str_list(v, TRAIN_PARTS, unique=True)),
+    "lora_alpha": (True, "a positive number or None", lambda v: v is None or is_number(v, positive=True)),
+    "fingerprint": (True, "a dict of the base's sizes or None", _is_fingerprint),
+    "quant": (False, f"one of {', '.join(QUANT_NAMES)}", lambda v: isinstance(v, str) and v in QUANT_NAMES),
+    "quantized": (False, "a list of weight names", is_str_list),
+}
+
+
 def _read_meta(meta, source):
-    ok = (isinstance(meta, dict) and meta.get("format") == FILE_FORMAT and isinstance(meta.get("version"), int)
-          and meta.get("mode") in MODES and isinstance(meta.get("r"), dict) and isinstance(meta.get("train_parts"), list)
-          and isinstance(meta.get("quant", "none"), str) and isinstance(meta.get("quantized", []), list))
-    if not ok:
+    """The metadata of one of this project's adapter files, every field checked by type and shape
+    (one sentence naming the file and the field otherwise), the later fields filled in."""
+    where = f"{source} has adapter metadata"
+    if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
         raise AdapterError(f"{source} has a {META_KEY} entry that is not this project's adapter metadata.")
-    bad_r = [k for k, r in meta["r"].items() if not isinstance(r, int) or isinstance(r, bool) or r < 1]
-    if bad_r:
-        raise AdapterError(f"{source} records r = {meta['r'][bad_r[0]]!r} for {bad_r[0]}, which is not a positive "
-                           "integer: the file is damaged.")
-    alpha, targets = meta.get("lora_alpha"), meta.get("targets", [])
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)) or not isinstance(targets, list):
-        raise AdapterError(f"{source} has adapter metadata with a field of the wrong type (lora_alpha or targets): "
-                           "the file is damaged.")
-    if meta["version"] > FILE_VERSION:
+    if is_int(meta.get("version")) and meta["version"] > FILE_VERSION:
         raise AdapterError(f"{source} is adapter format version {meta['version']}; this code reads up to "
                            f"{FILE_VERSION}: update it.")
+    check_fields(meta, META_SCHEMA, AdapterError, where)
+    bad_r = [k for k, r in meta["r"].items() if not is_int(r, 1)]
+    if bad_r:
+        raise AdapterError(f"{source} records r = {show(meta['r'][bad_r[0]])} for {bad_r[0]}, which is not a positive "
+                           "integer: the file is damaged.")
+    if meta["targets"] != list(meta["r"]):
+        raise AdapterError(f"{where} whose targets field does not list the modules its r field names: "
+                           "the file is damaged.")
+    if not meta["r"] and not meta["train_parts"]:
+        raise AdapterError(f"{where} that names no adapter and no train part: the file holds nothing to load.")
+    if meta.get("quant", "none") == "none" and meta.get("quantized"):
+        raise AdapterError(f"{where} listing quantized weights under quant none: the file is damaged.")
     return {"quant": "none", "quantized": [], **meta}     # written before quantization existed: none
 
 
@@ -99,6 +132,9 @@ def _legacy_meta(sd, source):
             ranks[k[:-len(".bone")]] = v.shape[0] if v.dim() == 2 else v.shape[-1]
     if not ranks or "?" in modes or len(modes) > 1:
         raise AdapterError(f"{source} has no {META_KEY} entry and no consistent .bone tensors: it is not an adapter file.")
+    empty = [k for k, r in ranks.items() if r < 1]
+    if empty:
+        raise AdapterError(f"{source} has an empty tensor {empty[0]}.bone, which gives r = 0: the file is damaged.")
     parts = sorted({train_part_of(k) for k in sd if train_part_of(k)}, key=TRAIN_PARTS.index)
     meta = {"format": FILE_FORMAT, "version": 0, "mode": modes.pop(), "r": dict(ranks), "targets": list(ranks),
             "train_parts": parts, "lora_alpha": None, "fingerprint": None,
@@ -115,10 +151,16 @@ def read_adapter(path_or_state_dict, mmap=False):
     repository (no metadata) get theirs read off the tensor shapes. A file that is not an
     adapter is refused with one sentence (AdapterError, or CheckpointError when unreadable)."""
     if isinstance(path_or_state_dict, dict):
-        sd, source = OrderedDict(path_or_state_dict), "the adapter state dict"
+        loaded, source = path_or_state_dict, "the adapter state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        sd = OrderedDict(load_state_dict(source, mmap=mmap))
+        loaded = load_state_dict(source, mmap=mmap)
+    if not isinstance(loaded, dict):
+        raise AdapterError(f"{source} holds {show(loaded)}, not a dict of tensors: it is not an adapter file.")
+    sd = OrderedDict(loaded)
+    odd = [k for k in sd if not isinstance(k, str)]
+    if odd:
+        raise AdapterError(f"{source} holds a tensor under the key {show(odd[0])}, not a name: it is not an adapter file.")
     if META_KEY in sd:
         meta = _read_meta(sd.pop(META_KEY), source)
     else:
@@ -126,6 +168,10 @@ def read_adapter(path_or_state_dict, mmap=False):
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterError(f"{source} holds a non-tensor value under {bad[0]!r}: it is not an adapter file.")
+    bad = [k for k, v in sd.items() if not v.is_floating_point()]
+    if bad:
+        raise AdapterError(f"{source} holds {bad[0]} as {str(sd[bad[0]].dtype).replace('torch.', '')}, not as "
+                           "floating-point numbers: the file is damaged.")
     return sd, meta, source
 
 
@@ -187,6 +233,9 @@ def load_adapter(model, path_or_state_dict, verbose=False):
     missing += [n for n in params if train_part_of(n) in meta["train_parts"] and n not in sd]
     if missing:
         raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
+    for k, v in sd.items():
+        if non_finite(v):
+            raise AdapterError(f"{source} holds {non_finite(v)} NaN or Inf values in {k}: the file is damaged.")
 
     if state is None:
         if "head" in layers and "head" in meta["train_parts"]:

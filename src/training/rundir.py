@@ -15,9 +15,17 @@ import re
 import shutil
 
 from ..checkpoint import atomic_write, clean_stale_temporaries, release_pid_lock, take_pid_lock
+from ..validate import check_fields, is_int, show
 
 ADAPTER_NAME = re.compile(r"adapter-(\d{7})\.pth$")     # not adapter-STEP-merged.pth beside them
 RUN_FILES = ("log.csv", "loss.png", "run.json", "resume", "resume.old")
+# run.json's fields: (required, what it must be, test); train.py writes settings and total_steps
+# first, resume_step at each resume point.
+RUN_SCHEMA = {
+    "settings": (True, "a dict of the run's settings", lambda v: isinstance(v, dict)),
+    "total_steps": (True, "a positive whole number", lambda v: is_int(v, 1)),
+    "resume_step": (False, "a whole number of steps", lambda v: is_int(v, 0)),
+}
 
 
 def run_adapters(proj_dir):
@@ -84,17 +92,59 @@ class RunDir:
             say(f"--overwrite: deleted the earlier run in {self.proj_dir} ({', '.join(earlier)})")
 
     def recorded(self):
+        """run.json's fields, each checked by type (one sentence naming the field otherwise), or None."""
         try:
-            with open(self.json_path) as f:
-                return json.load(f)
+            with open(self.json_path, "rb") as f:
+                data = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise ValueError(f"{self.json_path} cannot be read ({e}): the run directory is damaged.") from None
+            reason = getattr(e, "msg", None) or getattr(e, "reason", None) or type(e).__name__
+            raise ValueError(f"{self.json_path} cannot be read ({reason}): the run directory is damaged.") from None
+        damaged = "the run directory is damaged (--overwrite starts anew)"
+        check_fields(data, RUN_SCHEMA, ValueError, f"{self.json_path} is a run record", damaged)
+        odd = [k for k in data["settings"] if not isinstance(k, str)]
+        if odd:
+            raise ValueError(f"{self.json_path} records a setting named {show(odd[0])}: {damaged}.")
+        return data
 
     def record(self, **fields):
         data = {**(self.recorded() or {}), **fields}
         atomic_write(self.json_path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+
+def check_resume_point(path):
+    """A resume point as Lightning (DeepSpeed: a folder; other strategies: one file) wrote it,
+    complete and undamaged (every .pt a zip whose members pass their CRC), or one sentence."""
+    import zipfile
+
+    def damaged(why):
+        return ValueError(f"--resume: the resume point {path} is damaged ({why}): restore it, or start anew with "
+                          "--overwrite.")
+
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "latest"), "rb") as f:
+                tag = f.read().decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise damaged("its latest file is missing or unreadable") from None
+        folder = os.path.join(path, tag)
+        if not tag or os.sep in tag or not os.path.isdir(folder):
+            raise damaged(f"its latest file names {show(tag)}, which is not a folder in it")
+        names = sorted(os.listdir(folder))
+        if "mp_rank_00_model_states.pt" not in names or not any(n.endswith("optim_states.pt") for n in names):
+            raise damaged("the model or optimizer state is missing")
+        files = [os.path.join(folder, n) for n in names if n.endswith(".pt")]
+    else:
+        files = [path]
+    for file in files:
+        try:
+            with zipfile.ZipFile(file) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, RuntimeError) as e:
+            raise damaged(f"{os.path.basename(file)} is not a complete PyTorch file: {type(e).__name__}") from None
+        if bad is not None:
+            raise damaged(f"{os.path.basename(file)} fails its checksum in {bad}")
 
 
 def differences(recorded, now):

@@ -73,9 +73,10 @@ def family_of(config):
     return "x060"
 
 
-def export_model(model, fmt, output, dtype="same", overwrite=False, progress=True):
-    """Write the official-layout checkpoint `model` as `fmt` to `output`. Returns (bytes written,
-    one line saying what was written)."""
+def export_model(model, fmt, output, dtype="same", overwrite=False, progress=True, name=None):
+    """Write the official-layout checkpoint `model` as `fmt` to `output` (`name`: the model name a
+    GGUF file records, by default the input's file name). Returns (bytes written, one line saying
+    what was written)."""
     check_choice(fmt, dtype)
     say = lambda m: print(f"export: {m}", file=sys.stderr)  # noqa: E731
     sd, config = load_checkpoint(model, mmap=True)
@@ -84,7 +85,7 @@ def export_model(model, fmt, output, dtype="same", overwrite=False, progress=Tru
         from .gguf import prepare
     else:
         from .safetensors import prepare
-    plan = prepare(sd, config, family_of(config), dtype, name=os.path.splitext(os.path.basename(model))[0], fmt=fmt)
+    plan = prepare(sd, config, family_of(config), dtype, name=name or os.path.splitext(os.path.basename(model))[0], fmt=fmt)
     check_room(existing, plan.nbytes)
     clean_stale_temporaries(output, say=say)
     plan.write(output, progress=progress and sys.stderr.isatty())

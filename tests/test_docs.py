@@ -20,7 +20,7 @@ def test_readme_is_short_and_links_every_docs_page():
     assert not missing, f"README links pages that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py"])
+@pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py", "export.py"])
 def test_readme_documents_every_option(script):
     """Every option --help lists has a row in the README's tables."""
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout

@@ -27,6 +27,6 @@ def test_readme_documents_every_option(script):
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     options = set(re.findall(r"(--[a-z0-9_-]*[a-z0-9])", help_text)) - {"--help"}
-    assert len(options) > 8
+    assert len(options) >= 6  # export.py has 6; the others more
     missing = sorted(o for o in options if f"`{o}`" not in readme)
     assert not missing, f"{script} options the README does not document: {missing}"

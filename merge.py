@@ -3,6 +3,8 @@ official-layout .pth (the base's keys, in the base's order, no adapter keys) tha
 runtime and every other RWKV-6 inference program loads as it loads the base.
 
     python merge.py --base_model base.pth --adapter out/bone/adapter-0001000.pth --output merged.pth
+
+--format gguf|safetensors|st writes the merged model in that format instead (see export.py).
 """
 import argparse
 import os
@@ -11,7 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from src.bone import AdapterError  # noqa: E402
+from src.checkpoint import clean_stale_temporaries, temporary_file  # noqa: E402
 from src.config import CheckpointError  # noqa: E402
+from src.export import FORMATS, ExportError, check_choice, check_output, export_model  # noqa: E402
 from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint, quant_plan  # noqa: E402
 from src.quant import QUANT_TYPES, QuantError  # noqa: E402
 from src.verify import DEFAULT_PROMPT  # noqa: E402
@@ -34,6 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=QUANT_TYPES, default="none",
                    help="none (default): merge into the base as stored; nf4, fp4 or int8: first round the base through "
                         "that quantization (in fp32), to reproduce the base a train.py --quant run trained against")
+    p.add_argument("--format", default="pth", help=f"pth (default): an official-layout .pth; or {', '.join(FORMATS)}: "
+                   "the merged model written as export.py writes it (the merge goes through a temporary .pth beside "
+                   "the output, removed afterwards)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already exists")
     p.add_argument("--verify", action="store_true",
                    help="afterwards, load the merged file in the rwkv runtime (cpu fp32) and compare its logits with "
@@ -47,6 +54,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.format != "pth":
+        return merge_to_format(args)
     start = time.time()
     try:
         report, dtype, why = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
@@ -56,6 +65,11 @@ def main(argv=None):
         sys.exit(f"merge.py: {e}")
     size = os.path.getsize(args.output)
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
+    report_merge(args, report, dtype, why, args.output)
+
+
+def report_merge(args, report, dtype, why, merged):
+    """What merge.py prints after the merge (and --verify, on the merged .pth); False when it FAILs."""
     print(quant_plan(args.adapter, args.quant)[1])
     if why:
         print(f"merge: wrote {dtype} ({why}; --dtype chooses another)")
@@ -63,8 +77,37 @@ def main(argv=None):
     print(format_report(report, dtype))
     if args.verify:
         from src.verify import verify_merged
-        if not verify_merged(args.base_model, args.adapter, args.output, prompt=args.verify_prompt)[2]:
+        if not verify_merged(args.base_model, args.adapter, merged, prompt=args.verify_prompt)[2]:
             sys.exit(1)
+
+
+def merge_to_format(args):
+    """merge.py --format X: merge into a temporary .pth beside --output (a temporary's name, so that
+    a killed run's is removed by the next), export it, remove it."""
+    start = time.time()
+    try:
+        if args.format not in FORMATS:
+            raise ExportError(f"--format must be one of pth, {', '.join(FORMATS)}, not {args.format!r}.")
+        check_choice(args.format, "same")
+        if os.path.isfile(args.adapter) and os.path.exists(args.output) and os.path.samefile(args.output, args.adapter):
+            raise ExportError(f"--output {args.output} is the adapter file itself: choose another path.")
+        check_output(args.output, args.base_model, args.overwrite)
+        clean_stale_temporaries(args.output, say=lambda m: print(f"merge: {m}", file=sys.stderr))
+        fd, merged = temporary_file(args.output)
+        os.close(fd)
+        try:
+            report, dtype, why = merge_checkpoint(args.base_model, args.adapter, merged, dtype=args.dtype,
+                                                  safe_merge=args.safe_merge, device=args.device, overwrite=True,
+                                                  progress=not args.quiet, quant=args.quant)
+            report_merge(args, report, dtype, why, merged)
+            size, line = export_model(merged, args.format, args.output, overwrite=args.overwrite,
+                                      progress=not args.quiet, name=os.path.splitext(os.path.basename(args.output))[0])
+        finally:
+            if os.path.exists(merged):
+                os.remove(merged)
+    except (CheckpointError, AdapterError, MergeError, QuantError, ExportError) as e:
+        sys.exit(f"merge.py: {e}")
+    print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s: {line}")
 
 
 if __name__ == "__main__":

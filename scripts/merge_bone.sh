@@ -2,6 +2,7 @@
 # Merge a trained adapter into its base model: an official-layout .pth for any RWKV runtime.
 # Override from the environment: BASE=base.pth ADAPTER=adapter.pth OUTPUT=merged.pth
 # sh scripts/merge_bone.sh; extra arguments go to merge.py (--dtype fp32, --verify, --overwrite...).
+# FORMAT=gguf (or safetensors, st) writes the merged model in that format (default pth; see export.py).
 # With no BASE and no ADAPTER it merges the latest adapter of the demo run of scripts/run_bone.sh
 # into out/demo/merged.pth (replacing an earlier demo merge) and verifies it (MODEL_FAMILY=x070:
 # the RWKV-7 demo's, in out/demo-x070). Relative paths are read from where you stand.
@@ -20,7 +21,7 @@ if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
         echo "merge_bone.sh: no adapter in $DEMO/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
         exit 1
     fi
-    OUTPUT=${OUTPUT:-$ROOT/$DEMO/merged.pth}
+    OUTPUT=${OUTPUT:-$ROOT/$DEMO/merged.${FORMAT:-pth}}
     set -- --overwrite --verify --verify_prompt "Alice has 3 apples. Bob gives Alice" "$@"
 fi
 : "${BASE:?set BASE to the base model .pth}"
@@ -29,6 +30,7 @@ fi
 python "$ROOT/merge.py" \
     --base_model "$BASE" \
     --adapter "$ADAPTER" \
-    --output "${OUTPUT:-${ADAPTER%.pth}-merged.pth}" \
+    --output "${OUTPUT:-${ADAPTER%.pth}-merged.${FORMAT:-pth}}" \
     --dtype "${DTYPE:-auto}" \
+    --format "${FORMAT:-pth}" \
     "$@"

@@ -103,7 +103,12 @@ def clean_stale_temporaries(path, say=print):
     stale = []
     for entry in os.listdir(directory):
         parts = entry.split("-", 3)     # .tmp, pid, random, name
-        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit() or (name and parts[3] != name):
+        if len(parts) < 4 or parts[0] != ".tmp" or not parts[1].isdigit():
+            continue
+        target = parts[3]
+        while name and target != name and target.startswith(".tmp-") and target.count("-") >= 3:
+            target = target.split("-", 3)[3]    # a temporary of a temporary (merge.py --format's merged .pth)
+        if name and target != name:
             continue
         if int(parts[1]) != os.getpid() and not pid_alive(int(parts[1])):
             stale.append(os.path.join(directory, entry))

@@ -20,13 +20,13 @@ def test_readme_is_short_and_links_every_docs_page():
     assert not missing, f"README links pages that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py"])
+@pytest.mark.parametrize("script", ["train.py", "merge.py", "generate.py", "export.py"])
 def test_readme_documents_every_option(script):
     """Every option --help lists has a row in docs/options.md's tables (the README keeps the few a first run needs)."""
     help_text = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     with open(os.path.join(ROOT, "docs", "options.md"), encoding="utf-8") as f:
         readme = f.read()
     options = set(re.findall(r"(--[a-z0-9_-]*[a-z0-9])", help_text)) - {"--help"}
-    assert len(options) > 8
+    assert len(options) >= 6  # export.py has 6; the others more
     missing = sorted(o for o in options if f"`{o}`" not in readme)
     assert not missing, f"{script} options docs/options.md does not document: {missing}"

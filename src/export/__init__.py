@@ -1,0 +1,95 @@
+"""Export a merged (or any official-layout) RWKV-6 .pth to another runtime's format: GGUF for
+llama.cpp, safetensors with the official keys, web-rwkv / Ai00's .st. What export.py and
+merge.py --format run.
+
+Every check runs before any work (one sentence each, ExportError or CheckpointError); then the
+output is written tensor by tensor to a temporary beside it and renamed into place, so a failed or
+killed export leaves the directory as it was (and the next export to that output removes a killed
+one's temporary)."""
+import os
+import shutil
+import sys
+
+import torch
+
+from ..checkpoint import clean_stale_temporaries, load_checkpoint
+from ..config import CheckpointError
+
+FORMATS = ("gguf", "safetensors", "st")
+EXPORT_DTYPES = ("same", "fp32", "fp16", "bf16", "q8_0")
+TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# What each format can hold.
+ALLOWED = {"gguf": EXPORT_DTYPES, "safetensors": ("same", "fp32", "fp16", "bf16"), "st": ("same", "fp16")}
+WHY_NOT = {"safetensors": "q8_0 is a GGUF quantization; safetensors files hold same, fp32, fp16 or bf16",
+           "st": "web-rwkv reads fp16 only, so .st files are always fp16 (--dtype same or fp16)"}
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked; the message is one sentence that says why."""
+
+
+def check_choice(fmt, dtype):
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, not {dtype!r}.")
+    if dtype not in ALLOWED[fmt]:
+        raise ExportError(f"--dtype {dtype} cannot be written as {fmt}: {WHY_NOT[fmt]}.")
+
+
+def _same_file(a, b):
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(output, model, overwrite):
+    """Refuse an output path that would lose something or cannot be written (before the size is known)."""
+    if _same_file(output, model):
+        raise ExportError(f"--output {output} is the input model itself: choose another path.")
+    if os.path.isdir(output):
+        raise ExportError(f"--output {output} is a directory: give a file name.")
+    if os.path.lexists(output) and not overwrite:
+        raise ExportError(f"{output} already exists: pass --overwrite to replace it, or choose another --output.")
+    existing = os.path.dirname(os.path.abspath(output))
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"Cannot write to {existing}: choose an --output in a directory you can write to.")
+    return existing
+
+
+def check_room(existing, nbytes):
+    free = shutil.disk_usage(existing).free
+    if free < nbytes:
+        raise ExportError(f"The exported model needs {nbytes / 1e6:.1f} MB but {existing} has {free / 1e6:.1f} MB "
+                          "free: free some space or choose another --output.")
+
+
+def family_of(config):
+    """The model family the tables are keyed by. RWKV6Config only accepts x060 checkpoints
+    (RWKV-7 and older files are refused there with one sentence)."""
+    return "x060"
+
+
+def export_model(model, fmt, output, dtype="same", overwrite=False, progress=True, name=None):
+    """Write the official-layout checkpoint `model` as `fmt` to `output` (`name`: the model name a
+    GGUF file records, by default the input's file name). Returns (bytes written, one line saying
+    what was written)."""
+    check_choice(fmt, dtype)
+    say = lambda m: print(f"export: {m}", file=sys.stderr)  # noqa: E731
+    sd, config = load_checkpoint(model, mmap=True)
+    existing = check_output(output, model, overwrite)
+    if fmt == "gguf":
+        from .gguf import prepare
+    else:
+        from .safetensors import prepare
+    plan = prepare(sd, config, family_of(config), dtype, name=name or os.path.splitext(os.path.basename(model))[0], fmt=fmt)
+    check_room(existing, plan.nbytes)
+    clean_stale_temporaries(output, say=say)
+    plan.write(output, progress=progress and sys.stderr.isatty())
+    return os.path.getsize(output), plan.line
+
+
+__all__ = ["ExportError", "CheckpointError", "FORMATS", "EXPORT_DTYPES", "export_model", "check_choice"]

@@ -1,0 +1,279 @@
+"""Bone vs Bat vs LoRA (and full fine-tuning) on RWKV-6, at equal trainable parameters, here.
+
+1. A small RWKV-6 base is pretrained on generated short stories (World tokenizer, its vocabulary
+   cut down to the tokens the two data sets use, remapped to dense ids), seeded, and cached under
+   --out_dir (base-<settings hash>.pth).
+2. It is fine-tuned on another kind of text, generated additions ("23+58=81."), with Bone, Bat
+   and LoRA on the 8 projections (Bone and Bat r = 2 x LoRA's rank: in RWKV-6 the counts are then
+   equal; both are printed) and full fine-tuning as the ceiling: the same steps, the same batches,
+   each at its best learning rate from one grid, the same for all (best by final validation loss).
+3. Training loss every step and validation loss (fixed held-out windows) every --val_every
+   steps, per method at its best learning rate.
+
+The model, adapters and loss are the project's own (src.model.RWKV6, src.bone, src.training.loss
+.lm_loss) in a plain AdamW loop, not train.py: the same math without Lightning's start-up cost.
+Writes table.md, curves.csv, results.json and convergence.png to --out_dir (each atomically);
+the last line printed is `bone_vs_lora_val_loss_ratio X` (Bone's final validation loss / LoRA's).
+
+    python bench/convergence.py --quick          # under 5 minutes on 2 cores
+    python bench/convergence.py [--seed 1]       # the full run
+"""
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.memory import peak_rss, reset_peak_rss, rss_now  # noqa: E402
+from src.bone import BoneConfig, apply_adapters, trainable_parameters  # noqa: E402
+from src.checkpoint import atomic_save, atomic_write, load_state_dict, new_config, x060_state_dict  # noqa: E402
+from src.model import RWKV6  # noqa: E402
+from src.tokenizer import world_tokenizer  # noqa: E402
+from src.training.loss import lm_loss  # noqa: E402
+
+NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
+THINGS = ["apples", "books", "coins", "stones", "shells", "cards"]
+METHODS = ("bone", "bat", "lora", "full")
+SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, lr grid, validation every
+    "quick": dict(layers=2, width=128, ctx=64, batch=8, pretrain=300, steps=60, lrs=(3e-3, 1e-2, 3e-2), val_every=10),
+    "full": dict(layers=4, width=256, ctx=128, batch=8, pretrain=1500, steps=200, lrs=(1e-3, 3e-3, 1e-2, 3e-2),
+                 val_every=20),
+}
+
+
+def story(rng):
+    a, b = rng.sample(NAMES, 2)
+    thing, x, y = rng.choice(THINGS), rng.randint(1, 9), rng.randint(1, 9)
+    return f"{a} has {x} {thing}. {b} gives {a} {y} more {thing}. Now {a} has {x + y} {thing}, and {b} is happy. "
+
+
+def addition(rng):
+    x, y = rng.randint(10, 99), rng.randint(10, 99)
+    return f"{x}+{y}={x + y}. "
+
+
+def token_stream(make, n, seed, tokenizer):
+    rng = random.Random(seed)
+    return [t for _ in range(n) for t in tokenizer.encode(make(rng))]
+
+
+def make_data(seed):
+    """Pretraining stories, fine-tuning additions (train and held out), in dense ids."""
+    tok = world_tokenizer()
+    stories = token_stream(story, 6000, 0, tok)              # the base's data never changes with the seed
+    train = token_stream(addition, 20000, 1000 + seed, tok)
+    held_out = token_stream(addition, 2000, 999, tok)        # the same held-out set for every seed
+    used = sorted(set(stories) | set(train) | set(held_out))
+    dense = {t: i for i, t in enumerate(used)}
+    as_tensor = lambda s: torch.tensor([dense[t] for t in s])  # noqa: E731
+    return len(used), as_tensor(stories), as_tensor(train), as_tensor(held_out)
+
+
+def batches(stream, ctx, batch, seed):
+    """Endless random windows of ctx + 1 tokens: (inputs, targets)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        start = torch.randint(0, len(stream) - ctx - 1, (batch,), generator=g)
+        w = torch.stack([stream[s:s + ctx + 1] for s in start.tolist()])
+        yield w[:, :-1], w[:, 1:]
+
+
+def windows(stream, ctx, n=16):
+    """Fixed held-out windows, evenly spaced."""
+    step = (len(stream) - ctx - 1) // n
+    w = torch.stack([stream[i * step:i * step + ctx + 1] for i in range(n)])
+    return w[:, :-1], w[:, 1:]
+
+
+@torch.no_grad()
+def val_loss(model, val):
+    model.eval()
+    loss = lm_loss(model, *val).item()
+    model.train()
+    return loss
+
+
+def pretrained_base(size, vocab, stories, out_dir, say):
+    """The cached base, or pretrain one (seed 0) and cache it."""
+    settings = json.dumps({**size, "lrs": None, "vocab": vocab, "v": 1}, sort_keys=True)
+    path = os.path.join(out_dir, f"base-{hashlib.sha256(settings.encode()).hexdigest()[:10]}.pth")
+    if os.path.exists(path):
+        say(f"base: cached {path}")
+        return load_state_dict(path, mmap=False)
+    torch.manual_seed(0)
+    cfg = new_config("x060", vocab, size["width"], size["layers"], head_size=32)
+    model = RWKV6.from_state_dict(x060_state_dict(cfg, seed=0), op="cpu").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    data = batches(stories, size["ctx"], size["batch"], 0)
+    start = time.time()
+    for step in range(1, size["pretrain"] + 1):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * min(1.0, step / 50) * (0.1 + 0.9 * (1 - step / size["pretrain"]))
+        loss = lm_loss(model, *next(data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == size["pretrain"]:
+            say(f"base: pretraining step {step}/{size['pretrain']}, loss {loss.item():.3f}, {time.time() - start:.0f} s")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    atomic_save(sd, path)
+    return sd
+
+
+def adapted(base_sd, method, r):
+    model = RWKV6.from_state_dict({k: v.clone() for k, v in base_sd.items()}, op="cpu").train()
+    if method == "full":
+        return model
+    config = BoneConfig(mode=method, r=r // 2, lora_alpha=r // 2) if method == "lora" else BoneConfig(mode=method, r=r)
+    return apply_adapters(model, config, verbose=False)
+
+
+def fine_tune(base_sd, method, r, lr, size, train, val, seed):
+    torch.manual_seed(seed)
+    model = adapted(base_sd, method, r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    data = batches(train, size["ctx"], size["batch"], seed)
+    curve = {"train": [], "val": [(0, val_loss(model, val))]}
+    reset = reset_peak_rss()
+    before = rss_now()
+    start = time.perf_counter()
+    for step in range(1, size["steps"] + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 10)
+        loss = lm_loss(model, *next(data))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve["train"].append((step, loss.item()))
+        if step % size["val_every"] == 0 or step == size["steps"]:
+            curve["val"].append((step, val_loss(model, val)))
+    seconds = time.perf_counter() - start
+    return {"method": method, "lr": lr, "params": trainable_parameters(model)[0], "curve": curve,
+            "tokens_per_s": size["steps"] * size["batch"] * size["ctx"] / seconds,
+            "peak_extra_rss": peak_rss(reset) - before if reset else None}
+
+
+def steps_to(curve, threshold):
+    return next((s for s, v in curve["val"] if v <= threshold), None)
+
+
+def table(results, threshold):
+    rows = ["| method | trainable params | best lr | final train loss | final val loss | steps to val <= "
+            f"{threshold:.3f} | tokens/s | peak extra RSS |", "|---|---|---|---|---|---|---|---|"]
+    for m in METHODS:
+        r = results[m]
+        last_train = sum(v for _, v in r["curve"]["train"][-10:]) / len(r["curve"]["train"][-10:])
+        reach = steps_to(r["curve"], threshold)
+        mem = f"{r['peak_extra_rss'] / 2**20:.0f} MiB" if r["peak_extra_rss"] is not None else "n/a"
+        rows.append(f"| {m} | {r['params']:,} | {r['lr']:g} | {last_train:.3f} | {r['curve']['val'][-1][1]:.3f} | "
+                    f"{reach if reach is not None else 'not reached'} | {r['tokens_per_s']:.0f} | {mem} |")
+    return "\n".join(rows)
+
+
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def plot(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for m in METHODS:
+        steps, vals = zip(*results[m]["curve"]["val"])
+        ax.plot(steps, vals, marker="o", markersize=3, label=f"{m} (lr {results[m]['lr']:g})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the small version (under 5 minutes on 2 cores)")
+    p.add_argument("--seed", type=int, default=1, help="the fine-tuning seed: data order and adapter init "
+                                                       "(the base is pretrained once, with seed 0)")
+    p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "convergence"))
+    p.add_argument("--r", type=int, default=16, help="Bone and Bat r; LoRA's rank is r / 2 (equal parameters)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 60 quick, 200 full)")
+    p.add_argument("--pretrain", type=int, default=None, help="pretraining steps of the base")
+    p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid")
+    args = p.parse_args(argv)
+    size = dict(SIZES["quick" if args.quick else "full"])
+    for key in ("steps", "pretrain"):
+        if getattr(args, key):
+            size[key] = getattr(args, key)
+    if args.lrs:
+        size["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+    if args.r < 2 or args.r % 2:
+        p.error(f"--r must be an even number of at least 2 (LoRA's rank is r / 2), not {args.r}.")
+    size["val_every"] = min(size["val_every"], size["steps"])
+    os.makedirs(args.out_dir, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    say = lambda m: print(m, flush=True)  # noqa: E731
+
+    vocab, stories, train, held_out = make_data(args.seed)
+    say(f"data: {len(stories):,} story tokens (pretraining), {len(train):,} addition tokens (fine-tuning), "
+        f"{len(held_out):,} held out; {vocab} distinct World tokens")
+    base_sd = pretrained_base(size, vocab, stories, args.out_dir, say)
+    val = windows(held_out, size["ctx"])
+
+    results, sweep = {}, []
+    for method in METHODS:
+        for lr in size["lrs"]:
+            run = fine_tune(base_sd, method, args.r, lr, size, train, val, args.seed)
+            final = run["curve"]["val"][-1][1]
+            sweep.append({"method": method, "lr": lr, "final_val_loss": final})
+            say(f"{method:>4} lr {lr:g}: {run['params']:,} trainable, final val loss {final:.4f}, "
+                f"{run['tokens_per_s']:.0f} tokens/s")
+            if not math.isfinite(final):
+                continue
+            if method not in results or final < results[method]["curve"]["val"][-1][1]:
+                results[method] = run
+    missing = [m for m in METHODS if m not in results]
+    if missing:
+        sys.exit(f"convergence: {missing[0]} diverged at every learning rate of the grid; give another --lrs.")
+    bone_p, lora_p = results["bone"]["params"], results["lora"]["params"]
+    say(f"trainable parameters: bone {bone_p:,}, bat {results['bat']['params']:,}, lora {lora_p:,} "
+        f"(bone / lora {bone_p / lora_p:.3f}), full {results['full']['params']:,}")
+    threshold = results["lora"]["curve"]["val"][-1][1]
+    text = table(results, threshold)
+    title = (f"RWKV-6 {size['layers']}x{size['width']}, additions after stories, seed {args.seed}, "
+             f"{size['steps']} steps of {size['batch']}x{size['ctx']} tokens")
+    write_text(os.path.join(args.out_dir, "table.md"), f"{title}\n\n{text}\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "lr", "kind", "step", "loss"])
+    for m in METHODS:
+        for kind in ("train", "val"):
+            for s, v in results[m]["curve"][kind]:
+                w.writerow([m, results[m]["lr"], kind, s, f"{v:.6f}"])
+    write_text(os.path.join(args.out_dir, "curves.csv"), buf.getvalue())
+    ratio = results["bone"]["curve"]["val"][-1][1] / results["lora"]["curve"]["val"][-1][1]
+    summary = {"size": {**size, "lrs": list(size["lrs"])}, "seed": args.seed, "r": args.r, "sweep": sweep,
+               "results": {m: {k: v for k, v in results[m].items() if k != "curve"} | {"final_val_loss": results[m]["curve"]["val"][-1][1]}
+                           for m in METHODS}, "bone_vs_lora_val_loss_ratio": ratio}
+    write_text(os.path.join(args.out_dir, "results.json"), json.dumps(summary, indent=1))
+    plot(results, os.path.join(args.out_dir, "convergence.png"), title)
+    print(f"\n{title}\n\n{text}\n\nwritten to {args.out_dir}: table.md, curves.csv, results.json, convergence.png")
+    print(f"bone_vs_lora_val_loss_ratio {ratio:.4f}")
+
+
+if __name__ == "__main__":
+    main()

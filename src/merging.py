@@ -251,7 +251,7 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
             _measure(report.setdefault(kind_of(key), Survival()), w, exact, out)
             del exact
         # What merging or casting made is checked; a tensor copied bit for bit is the base's own.
-        if safe_merge and (change is not None or out.dtype != w.dtype) and not _finite(out):
+        if safe_merge and (key in plan or out.dtype != w.dtype) and not _finite(out):
             raise MergeError(f"Merging {key} gives NaN or Inf in {str(out.dtype).replace('torch.', '')}: "
                              "nothing was written (a wider --dtype such as fp32 may hold it).")
         return out

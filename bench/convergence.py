@@ -3,7 +3,7 @@
 1. A small RWKV-6 base is pretrained on generated short stories (World tokenizer, its vocabulary
    cut down to the tokens the two data sets use, remapped to dense ids), seeded, and cached under
    --out_dir (base-<settings hash>.pth).
-2. It is fine-tuned on another kind of text, generated additions ("23+58=81."), with Bone, Bat
+2. It is fine-tuned on another kind of text, generated additions (" 23 + 58 = 81."), with Bone, Bat
    and LoRA on the 8 projections (Bone and Bat r = 2 x LoRA's rank: in RWKV-6 the counts are then
    equal; both are printed) and full fine-tuning as the ceiling: the same steps, the same batches,
    each at its best learning rate from one grid, the same for all (best by final validation loss).
@@ -52,13 +52,14 @@ SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, lr grid
 
 def story(rng):
     a, b = rng.sample(NAMES, 2)
-    thing, x, y = rng.choice(THINGS), rng.randint(1, 9), rng.randint(1, 9)
+    # Two-digit counts, as in the additions: the fine-tuning data's number tokens are not new to the base.
+    thing, x, y = rng.choice(THINGS), rng.randint(10, 99), rng.randint(10, 99)
     return f"{a} has {x} {thing}. {b} gives {a} {y} more {thing}. Now {a} has {x + y} {thing}, and {b} is happy. "
 
 
 def addition(rng):
     x, y = rng.randint(10, 99), rng.randint(10, 99)
-    return f"{x}+{y}={x + y}. "
+    return f" {x} + {y} = {x + y}."      # " 23" as in the stories: the same number tokens
 
 
 def token_stream(make, n, seed, tokenizer):
@@ -229,8 +230,10 @@ def main(argv=None):
     say = lambda m: print(m, flush=True)  # noqa: E731
 
     vocab, stories, train, held_out = make_data(args.seed)
+    unseen = len(set(train.tolist()) - set(stories.tolist()))
     say(f"data: {len(stories):,} story tokens (pretraining), {len(train):,} addition tokens (fine-tuning), "
-        f"{len(held_out):,} held out; {vocab} distinct World tokens")
+        f"{len(held_out):,} held out; {vocab} distinct World tokens, {unseen} of the fine-tuning data's never "
+        "seen in pretraining (their embeddings stay at their init for the adapters, not for full fine-tuning)")
     base_sd = pretrained_base(size, vocab, stories, args.out_dir, say)
     val = windows(held_out, size["ctx"])
 

@@ -31,38 +31,9 @@
 // amplifies rounding by 1/d_t per step, which strong decays make large. Every number here is
 // what a plain fp32 step-by-step loop would compute.
 
-#ifdef __CUDACC__
-#include <cuda_bf16.h>
-#define WKV_LAUNCH(kernel, grid, block, stream) kernel<<<grid, block, 0, stream>>>
-#else
-#include "emu/cuda_emu.h"  // CPU emulation for the tests; defines WKV_LAUNCH
-#endif
-
-#include <stddef.h>
-
-#ifndef _N_
-#error "Compile with -D_N_=<head size>, e.g. -D_N_=64."
-#endif
+#include "wkv_device.cuh"
 
 namespace {
-
-typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
-template <typename F> __device__ __forceinline__ F from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16(x); }
-
-// Index of element (b, t=0, h, n=threadIdx.x) in a [B, T, H, N] tensor; step t adds t * H * N.
-__device__ __forceinline__ size_t first_step(int T, int H)
-{
-    const int b = blockIdx.x / H, h = blockIdx.x % H;
-    return ((size_t)b * T * H + h) * _N_ + threadIdx.x;
-}
-
-// Offset of this block's (b, h) matrix in a [B, H, N, N] tensor.
-__device__ __forceinline__ size_t matrix_offset() { return (size_t)blockIdx.x * _N_ * _N_; }
 
 // Steps per saved state. The backward kernel stages ten [CHUNK][N] fp32 arrays in shared
 // memory (40 KB for N = 64 or 128, under the 48 KB a block gets without opting in), and its

@@ -26,7 +26,7 @@ from torch.utils import cpp_extension
 from ..checkpoint import release_pid_lock, take_pid_lock
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SHARED_HEADERS = ("wkv_binding.h",)  # included by every op's binding: part of every build's hash
+SHARED_HEADERS = ("wkv_binding.h", "wkv_device.cuh")  # included by every op's binding or kernel: part of every build's hash
 
 
 class CudaOp:

@@ -9,6 +9,9 @@
    each at its best learning rate from one grid, the same for all (best by final validation loss).
 3. Training loss every step and validation loss (fixed held-out windows) every --val_every
    steps, per method at its best learning rate.
+4. With --seeds N (the full run: 3), each method is run again at its best learning rate with N - 1
+   more seeds (another data order and adapter init): the table gives every seed's final validation
+   loss and their spread, the plot each method's mean curve with its min-max band.
 
 The model, adapters and loss are the project's own (src.model.RWKV6, src.bone, src.training.loss
 .lm_loss) in a plain AdamW loop, not train.py: the same math without Lightning's start-up cost.
@@ -16,7 +19,7 @@ Writes table.md, curves.csv, results.json and convergence.png to --out_dir (each
 the last line printed is `bone_vs_lora_val_loss_ratio X` (Bone's final validation loss / LoRA's).
 
     python bench/convergence.py --quick          # under 5 minutes on 2 cores
-    python bench/convergence.py [--seed 1]       # the full run
+    python bench/convergence.py                  # the full run, 3 seeds (under 60 minutes on 2 cores)
 """
 import argparse
 import csv
@@ -43,10 +46,10 @@ from src.training.loss import lm_loss  # noqa: E402
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
 THINGS = ["apples", "books", "coins", "stones", "shells", "cards"]
 METHODS = ("bone", "bat", "lora", "full")
-SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, lr grid, validation every
-    "quick": dict(layers=2, width=128, ctx=64, batch=8, pretrain=300, steps=60, lrs=(3e-3, 1e-2, 3e-2), val_every=10),
-    "full": dict(layers=4, width=256, ctx=128, batch=8, pretrain=1500, steps=200, lrs=(1e-3, 3e-3, 1e-2, 3e-2),
-                 val_every=20),
+LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, validation every, seeds
+    "quick": dict(layers=2, width=128, ctx=64, batch=8, pretrain=300, steps=60, lrs=LRS, val_every=10, seeds=1),
+    "full": dict(layers=4, width=256, ctx=128, batch=8, pretrain=1500, steps=200, lrs=LRS, val_every=20, seeds=3),
 }
 
 
@@ -73,7 +76,9 @@ def make_data(seed):
     stories = token_stream(story, 6000, 0, tok)              # the base's data never changes with the seed
     train = token_stream(addition, 20000, 1000 + seed, tok)
     held_out = token_stream(addition, 2000, 999, tok)        # the same held-out set for every seed
-    used = sorted(set(stories) | set(train) | set(held_out))
+    # Every addition there can be, so that the vocabulary (and with it the cached base) is the same for every seed.
+    every_sum = {t for x in range(10, 100) for y in range(10, 100) for t in tok.encode(f" {x} + {y} = {x + y}.")}
+    used = sorted(set(stories) | every_sum)
     dense = {t: i for i, t in enumerate(used)}
     as_tensor = lambda s: torch.tensor([dense[t] for t in s])  # noqa: E731
     return len(used), as_tensor(stories), as_tensor(train), as_tensor(held_out)
@@ -105,7 +110,8 @@ def val_loss(model, val):
 
 def pretrained_base(size, vocab, stories, out_dir, say):
     """The cached base, or pretrain one (seed 0) and cache it."""
-    settings = json.dumps({**size, "lrs": None, "vocab": vocab, "v": 1}, sort_keys=True)
+    base_keys = ("layers", "width", "ctx", "batch", "pretrain")
+    settings = json.dumps({**{k: size[k] for k in base_keys}, "vocab": vocab, "v": 1}, sort_keys=True)
     path = os.path.join(out_dir, f"base-{hashlib.sha256(settings.encode()).hexdigest()[:10]}.pth")
     if os.path.exists(path):
         say(f"base: cached {path}")
@@ -181,20 +187,44 @@ def table(results, threshold):
     return "\n".join(rows)
 
 
+def final(run):
+    return run["curve"]["val"][-1][1]
+
+
+def spread_table(runs, seeds):
+    """Every seed's final validation loss per method at its best lr, with mean and min-max."""
+    rows = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min-max |",
+            "|---|" + "---|" * (len(seeds) + 2)]
+    for m in METHODS:
+        finals = [final(runs[s][m]) for s in seeds]
+        rows.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in finals) +
+                    f" | {sum(finals) / len(finals):.3f} | {min(finals):.3f}-{max(finals):.3f} |")
+    ratios = [final(runs[s]["bone"]) / final(runs[s]["lora"]) for s in seeds]
+    rows.append("| bone / lora | " + " | ".join(f"{v:.4f}" for v in ratios) +
+                f" | {sum(ratios) / len(ratios):.4f} | {min(ratios):.4f}-{max(ratios):.4f} |")
+    return "\n".join(rows)
+
+
 def write_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def plot(results, path, title):
+def plot(runs, seeds, path, title):
+    """Validation loss per step: each method's mean over the seeds, its min-max band when there are several."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for m in METHODS:
-        steps, vals = zip(*results[m]["curve"]["val"])
-        ax.plot(steps, vals, marker="o", markersize=3, label=f"{m} (lr {results[m]['lr']:g})")
+        steps = [s for s, _ in runs[seeds[0]][m]["curve"]["val"]]
+        per_seed = [[v for _, v in runs[s][m]["curve"]["val"]] for s in seeds]
+        mean = [sum(col) / len(col) for col in zip(*per_seed)]
+        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{m} (lr {runs[seeds[0]][m]['lr']:g})")
+        if len(seeds) > 1:
+            ax.fill_between(steps, [min(c) for c in zip(*per_seed)], [max(c) for c in zip(*per_seed)],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("step")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("validation loss" + (f" (mean, min-max of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -205,11 +235,30 @@ def plot(results, path, title):
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+def sweep_lrs(base_sd, r, size, train, val, seed, say):
+    """Every method at every lr of the grid; the best run per method by final validation loss."""
+    results, sweep = {}, []
+    for method in METHODS:
+        for lr in size["lrs"]:
+            run = fine_tune(base_sd, method, r, lr, size, train, val, seed)
+            sweep.append({"method": method, "lr": lr, "final_val_loss": final(run)})
+            say(f"seed {seed} {method:>4} lr {lr:g}: {run['params']:,} trainable, final val loss {final(run):.4f}, "
+                f"{run['tokens_per_s']:.0f} tokens/s")
+            if math.isfinite(final(run)) and (method not in results or final(run) < final(results[method])):
+                results[method] = run
+    missing = [m for m in METHODS if m not in results]
+    if missing:
+        sys.exit(f"convergence: {missing[0]} diverged at every learning rate of the grid; give another --lrs.")
+    return results, sweep
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small version (under 5 minutes on 2 cores)")
-    p.add_argument("--seed", type=int, default=1, help="the fine-tuning seed: data order and adapter init "
+    p.add_argument("--seed", type=int, default=1, help="the first fine-tuning seed: data order and adapter init "
                                                        "(the base is pretrained once, with seed 0)")
+    p.add_argument("--seeds", type=int, default=None, help="how many seeds, from --seed on (default: 1 quick, "
+                                                           "3 full); the lr sweep runs on the first")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "convergence"))
     p.add_argument("--r", type=int, default=16, help="Bone and Bat r; LoRA's rank is r / 2 (equal parameters)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 60 quick, 200 full)")
@@ -217,19 +266,27 @@ def main(argv=None):
     p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid")
     args = p.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "full"])
-    for key in ("steps", "pretrain"):
-        if getattr(args, key):
+    for key in ("steps", "pretrain", "seeds"):
+        if getattr(args, key) is not None:
             size[key] = getattr(args, key)
     if args.lrs:
-        size["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+        try:
+            size["lrs"] = tuple(float(x) for x in args.lrs.split(","))
+        except ValueError:
+            p.error(f"--lrs must be comma-separated numbers such as 0.003,0.01, not {args.lrs!r}.")
     if args.r < 2 or args.r % 2:
         p.error(f"--r must be an even number of at least 2 (LoRA's rank is r / 2), not {args.r}.")
+    for key in ("steps", "pretrain", "seeds"):
+        if size[key] < 1:
+            p.error(f"--{key} must be at least 1, not {size[key]}.")
     size["val_every"] = min(size["val_every"], size["steps"])
     os.makedirs(args.out_dir, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     say = lambda m: print(m, flush=True)  # noqa: E731
+    start = time.time()
 
-    vocab, stories, train, held_out = make_data(args.seed)
+    seeds = list(range(args.seed, args.seed + size["seeds"]))
+    vocab, stories, train, held_out = make_data(seeds[0])
     unseen = len(set(train.tolist()) - set(stories.tolist()))
     say(f"data: {len(stories):,} story tokens (pretraining), {len(train):,} addition tokens (fine-tuning), "
         f"{len(held_out):,} held out; {vocab} distinct World tokens, {unseen} of the fine-tuning data's never "
@@ -237,44 +294,48 @@ def main(argv=None):
     base_sd = pretrained_base(size, vocab, stories, args.out_dir, say)
     val = windows(held_out, size["ctx"])
 
-    results, sweep = {}, []
-    for method in METHODS:
-        for lr in size["lrs"]:
-            run = fine_tune(base_sd, method, args.r, lr, size, train, val, args.seed)
-            final = run["curve"]["val"][-1][1]
-            sweep.append({"method": method, "lr": lr, "final_val_loss": final})
-            say(f"{method:>4} lr {lr:g}: {run['params']:,} trainable, final val loss {final:.4f}, "
-                f"{run['tokens_per_s']:.0f} tokens/s")
-            if not math.isfinite(final):
-                continue
-            if method not in results or final < results[method]["curve"]["val"][-1][1]:
-                results[method] = run
-    missing = [m for m in METHODS if m not in results]
-    if missing:
-        sys.exit(f"convergence: {missing[0]} diverged at every learning rate of the grid; give another --lrs.")
+    results, sweep = sweep_lrs(base_sd, args.r, size, train, val, seeds[0], say)
+    runs = {seeds[0]: results}
+    for seed in seeds[1:]:
+        train = make_data(seed)[2]
+        runs[seed] = {}
+        for m in METHODS:
+            runs[seed][m] = fine_tune(base_sd, m, args.r, results[m]["lr"], size, train, val, seed)
+            say(f"seed {seed} {m:>4} lr {results[m]['lr']:g}: final val loss {final(runs[seed][m]):.4f}")
     bone_p, lora_p = results["bone"]["params"], results["lora"]["params"]
     say(f"trainable parameters: bone {bone_p:,}, bat {results['bat']['params']:,}, lora {lora_p:,} "
         f"(bone / lora {bone_p / lora_p:.3f}), full {results['full']['params']:,}")
-    threshold = results["lora"]["curve"]["val"][-1][1]
+    threshold = final(results["lora"])
     text = table(results, threshold)
-    title = (f"RWKV-6 {size['layers']}x{size['width']}, additions after stories, seed {args.seed}, "
+    spread = spread_table(runs, seeds)
+    title = (f"RWKV-6 {size['layers']}x{size['width']}, additions after stories, "
              f"{size['steps']} steps of {size['batch']}x{size['ctx']} tokens")
-    write_text(os.path.join(args.out_dir, "table.md"), f"{title}\n\n{text}\n")
+    report = (f"{title}, seed {seeds[0]} (the lr sweep)\n\n{text}\n\n"
+              f"Final validation loss per seed, each method at its best lr:\n\n{spread}\n")
+    write_text(os.path.join(args.out_dir, "table.md"), report)
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["method", "lr", "kind", "step", "loss"])
-    for m in METHODS:
-        for kind in ("train", "val"):
-            for s, v in results[m]["curve"][kind]:
-                w.writerow([m, results[m]["lr"], kind, s, f"{v:.6f}"])
+    w.writerow(["seed", "method", "lr", "kind", "step", "loss"])
+    for seed in seeds:
+        for m in METHODS:
+            for kind in ("train", "val"):
+                for s, v in runs[seed][m]["curve"][kind]:
+                    w.writerow([seed, m, runs[seed][m]["lr"], kind, s, f"{v:.6f}"])
     write_text(os.path.join(args.out_dir, "curves.csv"), buf.getvalue())
-    ratio = results["bone"]["curve"]["val"][-1][1] / results["lora"]["curve"]["val"][-1][1]
-    summary = {"size": {**size, "lrs": list(size["lrs"])}, "seed": args.seed, "r": args.r, "sweep": sweep,
-               "results": {m: {k: v for k, v in results[m].items() if k != "curve"} | {"final_val_loss": results[m]["curve"]["val"][-1][1]}
-                           for m in METHODS}, "bone_vs_lora_val_loss_ratio": ratio}
+    mean = {m: sum(final(runs[s][m]) for s in seeds) / len(seeds) for m in METHODS}
+    ratio = mean["bone"] / mean["lora"]
+    minutes = (time.time() - start) / 60
+    summary = {"size": {**size, "lrs": list(size["lrs"])}, "seeds": seeds, "r": args.r, "sweep": sweep,
+               "results": {m: {k: v for k, v in results[m].items() if k != "curve"} | {"final_val_loss": final(results[m])}
+                           for m in METHODS},
+               "final_val_loss_per_seed": {m: [final(runs[s][m]) for s in seeds] for m in METHODS},
+               "mean_final_val_loss": mean, "bone_vs_lora_val_loss_ratio": ratio, "minutes": minutes}
     write_text(os.path.join(args.out_dir, "results.json"), json.dumps(summary, indent=1))
-    plot(results, os.path.join(args.out_dir, "convergence.png"), title)
-    print(f"\n{title}\n\n{text}\n\nwritten to {args.out_dir}: table.md, curves.csv, results.json, convergence.png")
+    plot(runs, seeds, os.path.join(args.out_dir, "convergence.png"), title)
+    print(f"\n{report}\nwritten to {args.out_dir} in {minutes:.1f} minutes: table.md, curves.csv, results.json, "
+          "convergence.png")
+    if len(seeds) > 1:
+        print(f"the ratio below is of the mean final validation loss over the {len(seeds)} seeds")
     print(f"bone_vs_lora_val_loss_ratio {ratio:.4f}")
 
 

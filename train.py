@@ -183,6 +183,9 @@ def run(args, run_dir):
                                    op=args.op, grad_cp=bool(args.grad_cp))
     check_sizes(args, model.config)
     apply_peft(model, args, bone)
+    if args.quant != "none":
+        from src.quant import check_quantizable
+        check_quantizable(model, args.quant)    # a dtype or shape bitsandbytes refuses: now, not in the first step
     # The data before run.json is written: bad data is refused with the run directory as it was.
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
                            seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,

@@ -74,7 +74,8 @@ def _slices(t):
 
 
 def _sq(x):
-    return float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+    # fp32 or wider (a float64 base is summed in float64: vector_norm refuses to narrow it)
+    return float(torch.linalg.vector_norm(x, dtype=torch.promote_types(x.dtype, torch.float32))) ** 2
 
 
 def _measure(row, w, exact, out):
@@ -164,7 +165,7 @@ def _exact(base_sd, plan, mode, key, round_keys, quant, dev):
     """(the base tensor as merged into, fp32 or wider, and the exact merged tensor) of one key."""
     w = base_sd[key]
     if key in round_keys:
-        w = rounded(w.to(dev), quant)       # the base a --quant run trained against, fp32
+        w = rounded(w.to(dev), quant, key)      # the base a --quant run trained against, fp32
     change = plan.get(key)
     if change is None:
         return w, None

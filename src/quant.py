@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .bone.layers import AdapterLinear, compute_dtype
 
 QUANT_TYPES = ("none", "nf4", "fp4", "int8")
+QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)     # what bitsandbytes quantizes
 MIN_BITSANDBYTES = (0, 46)   # the first release whose quantize/dequantize ops run on the CPU too
 
 
@@ -60,6 +61,49 @@ def bnb_functional():
     return bnb_F
 
 
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _reason(e):
+    """bitsandbytes' own words, as one clause (its first line, without a closing full stop)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].strip().rstrip(".")
+    return text or type(e).__name__
+
+
+def _quantize(bnb_F, w, quant, name=None):
+    """(packed, state) of w from bitsandbytes, or QuantError (one sentence naming the tensor, its
+    shape and dtype) where bitsandbytes refuses it."""
+    what = f"{name or 'a weight'} ({list(w.shape)}, {_dtype_name(w.dtype)})"
+    if w.dtype not in QUANT_DTYPES:
+        raise QuantError(f"--quant {quant} cannot hold {what} quantized: bitsandbytes quantizes fp32, bf16 and fp16 "
+                         "weights only (--precision fp32 loads the base in fp32).")
+    try:
+        if quant == "int8":
+            # A probe on the meta device brings its own code: bitsandbytes would otherwise cache a
+            # meta copy of its dynamic code for every later quantize_blockwise of the process.
+            meta_code = {"code": torch.empty(256, dtype=torch.float32, device="meta")} if w.is_meta else {}
+            return bnb_F.quantize_blockwise(w, **meta_code)
+        return bnb_F.quantize_4bit(w, quant_type=quant)
+    except (ValueError, RuntimeError, TypeError, AssertionError, NotImplementedError) as e:
+        if w.is_meta and isinstance(e, (RuntimeError, NotImplementedError)):
+            return None     # a kernel that needs the values ("no data"): asked again with the weight itself
+        raise QuantError(f"bitsandbytes cannot hold {what} as {quant} ({_reason(e)}): choose another --quant, "
+                         "or none.") from None
+
+
+def check_quantizable(model, quant):
+    """Refuse, before any work, a frozen matrix of `model` that bitsandbytes cannot hold `quant`
+    (a dtype it does not take, a shape it refuses): its own checks run on a meta tensor of the same
+    shape and dtype, which costs no memory and no arithmetic. One sentence (QuantError)."""
+    if check_quant(quant) == "none":
+        return
+    bnb_F = bnb_functional()
+    for key, m in frozen_matrices(model).items():
+        w = m.weight
+        _quantize(bnb_F, torch.empty(w.shape, dtype=w.dtype, device="meta"), quant, key)
+
+
 def _bytes(t):
     return t.contiguous().view(torch.uint8).reshape(-1)
 
@@ -81,17 +125,14 @@ class QuantizedWeight(nn.Module):
     on the weight's device (or `device`). dequantize(dtype) gives W back; dequantized(dtype) is
     the same as a context for a forward pass (see the module docstring)."""
 
-    def __init__(self, weight, quant, device=None):
+    def __init__(self, weight, quant, device=None, name=None):
         super().__init__()
         if check_quant(quant) == "none":
             raise QuantError("QuantizedWeight needs nf4, fp4 or int8, not none.")
         bnb_F = bnb_functional()
         w = weight.detach().to(device) if device is not None else weight.detach()
         self.quant, self.shape, self.dtype = quant, tuple(w.shape), w.dtype
-        if quant == "int8":
-            packed, state = bnb_F.quantize_blockwise(w)
-        else:
-            packed, state = bnb_F.quantize_4bit(w, quant_type=quant)
+        packed, state = _quantize(bnb_F, w, quant, name)
         self.blocksize = state.blocksize
         # uint8 buffers (absmax and code viewed as bytes): moved by .to(device), never cast.
         self.register_buffer("packed", packed, persistent=False)
@@ -163,10 +204,10 @@ class QuantLinear(nn.Module):
     """A frozen nn.Linear whose weight is held quantized (the head, or a projection that is not
     adapted): y = x W^T with W dequantized per use, in the activations' (or autocast's) dtype."""
 
-    def __init__(self, base: nn.Linear, quant, device=None):
+    def __init__(self, base: nn.Linear, quant, device=None, name=None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.quantized = QuantizedWeight(base.weight, quant, device)
+        self.quantized = QuantizedWeight(base.weight, quant, device, name)
         self.register_parameter("bias", base.bias)
 
     def forward(self, x):
@@ -180,10 +221,10 @@ class QuantEmbedding(nn.Module):
     dequantized, in the dtype of `like` (a parameter of the model, here ln_out.weight), so the
     rows follow whatever cast the model goes through (DeepSpeed's bf16, model.half())."""
 
-    def __init__(self, base: nn.Embedding, quant, like, device=None):
+    def __init__(self, base: nn.Embedding, quant, like, device=None, name=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
-        self.quantized = QuantizedWeight(base.weight, quant, device)
+        self.quantized = QuantizedWeight(base.weight, quant, device, name)
         self._like = (like,)    # in a tuple: not registered, so not a second name for that parameter
 
     def forward(self, idx):
@@ -226,19 +267,23 @@ def quantize_model(model, quant, device=None, keys=None):
     for key, m in found.items():
         name = key[:-len(".weight")]
         if isinstance(m, AdapterLinear):
-            m.quantized = QuantizedWeight(m.weight, quant, device)
+            m.quantized = QuantizedWeight(m.weight, quant, device, key)
             del m.weight
         elif isinstance(m, nn.Linear):
-            _set_submodule(model, name, QuantLinear(m, quant, device))
+            _set_submodule(model, name, QuantLinear(m, quant, device, key))
         else:
-            _set_submodule(model, name, QuantEmbedding(m, quant, model.ln_out.weight, device))
+            _set_submodule(model, name, QuantEmbedding(m, quant, model.ln_out.weight, device, key))
     model._base_quant = {"type": quant, "keys": list(found)}
     return list(found)
 
 
-def rounded(weight, quant):
-    """dequantize(quantize(W)) in fp32: the base that a --quant run trains against."""
-    return QuantizedWeight(weight, quant).dequantize(torch.float32)
+def rounded(weight, quant, name=None):
+    """dequantize(quantize(W)) in fp32: the base that a --quant run trains against. A weight of a
+    dtype bitsandbytes does not take (float64) is rounded to fp32 first, as train.py --precision
+    fp32 loads it."""
+    if weight.dtype not in QUANT_DTYPES:
+        weight = weight.float()
+    return QuantizedWeight(weight, quant, name=name).dequantize(torch.float32)
 
 
 def quantized_nbytes(model):

@@ -8,7 +8,9 @@ import csv
 import json
 import logging
 import re
+import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import torch
 import generate
 import merge
 from src.checkpoint import atomic_save, load_state_dict
+from src.data import write_binidx
 from src.quant import QuantError, check_quantizable, quantize_model
 from tests.test_no_surprises import args, killed_on_failure, refused
 from tests.test_train import ROOT, losses, setup, train as run_train  # noqa: F401 (setup is a fixture)
@@ -101,6 +104,64 @@ def test_a_quant_trained_adapter_merged_against_another_base(tmp_path):
                      "--quant", quant], r"adapter-bone.pth was made for a model with " + differs, tmp_path,
                     main=merge.main)
     assert not (tmp_path / "m.pth").exists()
+
+
+# --- the data readers by name, through train.py -------------------------------------------------------------
+
+def damaged_binidx(tmp_path, name, damage):
+    prefix = str(tmp_path / name)
+    write_binidx(prefix, [list(range(1, 60)), list(range(3, 70))])
+    for ext in (".bin", ".idx"):
+        with open(prefix + ext, "rb") as f:
+            data = bytearray(f.read())
+        with open(prefix + ext, "wb") as f:
+            f.write(damage(ext, data))
+    return prefix
+
+
+def jsonl(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    return str(tmp_path / name)
+
+
+def pointer_past_the_bin(ext, data):
+    if ext == ".idx":           # header (34 bytes), 2 sizes (int32), then the pointers (int64)
+        struct.pack_into("<q", data, 34 + 4 * 2 + 8, 10**6)
+    return bytes(data)
+
+
+DATA = {  # name: (make the file, --data_type, what the sentence says)
+    "truncated .bin": (lambda p: damaged_binidx(p, "t", lambda e, d: d[:len(d) // 2] if e == ".bin" else d), "binidx",
+                       r"t.idx describes 252 bytes of tokens but .*t.bin holds 126: the two files do not belong together"),
+    ".idx past the .bin": (lambda p: damaged_binidx(p, "p", pointer_past_the_bin), "binidx",
+                           r"p.idx describes 1000134 bytes of tokens but .*p.bin holds 252"),
+    "wrong magic": (lambda p: damaged_binidx(p, "m", lambda e, d: b"XXXX" + d[4:] if e == ".idx" else d), "binidx",
+                    r"m.idx is not a Megatron binidx index \(its first bytes are not MMIDIDX\)"),
+    "empty .idx": (lambda p: damaged_binidx(p, "e", lambda e, d: b"" if e == ".idx" else d), "binidx",
+                   r"e.idx is not a Megatron binidx index"),
+    "empty .bin": (lambda p: damaged_binidx(p, "z", lambda e, d: b"" if e == ".bin" else d), "binidx",
+                   r"z.idx describes 252 bytes of tokens but .*z.bin holds 0"),
+    "empty jsonl": (lambda p: jsonl(p, "e.jsonl", b""), "jsonl", r"e.jsonl contains no documents"),
+    "non-UTF-8 line": (lambda p: jsonl(p, "u.jsonl", b'{"text": "hello"}\n{"text": "caf\xe9"}\n'), "jsonl",
+                       r"u.jsonl line 2 is not UTF-8 text \(byte 14 of the line\)"),
+    "a line not an object": (lambda p: jsonl(p, "a.jsonl", b'{"text": "hello"}\n["text", "x"]\n'), "jsonl",
+                             r'a.jsonl line 2 has no "text" field \(it is a JSON list, not an object\)'),
+}
+
+
+@pytest.mark.parametrize("name", list(DATA))
+def test_damaged_data_through_train(setup, tmp_path, name):
+    """The cases the issue names, one by one (tests/test_fuzz_loaders.py draws them at random):
+    train.py says which file and what is wrong, and changes nothing."""
+    make, data_type, pattern = DATA[name]
+    data = tmp_path / "data"
+    data.mkdir()
+    path = make(data)
+    out = tmp_path / "out"
+    refused(args(setup, out, "--data_file", path, "--data_type", data_type), pattern, setup[0], tmp_path)
+    if data_type == "binidx":       # the validation data goes through the same reader
+        refused(args(setup, out, "--val_data", path), pattern, setup[0], tmp_path)
+    assert not out.exists() or not [p for p in os.listdir(out) if p != ".lock"]
 
 
 # --- generate.py --------------------------------------------------------------------------------------------

@@ -306,6 +306,18 @@ def test_kill_9_then_resume_repeats_the_losses(setup, tmp_path, tmp_path_factory
         assert meta["quant"] == "nf4" and meta["quantized"]
 
 
+def test_chunk_ctx_0_is_the_plain_pass(setup, tmp_path, tmp_path_factory):
+    """--chunk_ctx 0 is accepted and means off: the losses are the plain run's (the straight
+    validation run: its validation comes after step 8's loss; the sample stream does not depend on
+    the step count)."""
+    straight, _ = straight_run(setup, tmp_path_factory, "validation")
+    output = run_train(setup, tmp_path, "--strategy", "deepspeed_stage_2", "--chunk_ctx", "0", steps=8)
+    assert "in pieces of" not in output
+    a, b = losses(straight), losses(tmp_path)
+    assert sorted(b) == list(range(1, 9))
+    assert all(b[s] == pytest.approx(a[s], rel=1e-6) for s in b), (a, b)
+
+
 # --- Lightning's start-up lines -------------------------------------------------------------------------------
 
 LIGHTNING_LINES = ("GPU available", "TPU available", "HPU available", "`Trainer.fit` stopped", "LOCAL_RANK")

@@ -1,4 +1,4 @@
-"""Export a merged (or any official-layout) RWKV-6 .pth for another runtime:
+"""Export a merged (or any official-layout) RWKV-6 or RWKV-7 .pth for another runtime:
 
     python export.py --model merged.pth --format gguf --output merged.gguf      # llama.cpp
     python export.py --model merged.pth --format safetensors --output merged.safetensors
@@ -16,7 +16,7 @@ from src.export import EXPORT_DTYPES, FORMATS, ExportError, export_model  # noqa
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the RWKV-6 (x060) .pth to export, e.g. merge.py's output")
+    p.add_argument("--model", required=True, help="the RWKV-6 (x060) or RWKV-7 (x070) .pth to export, e.g. merge.py's output")
     p.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     p.add_argument("--output", required=True, help="the file to write (never the input itself)")
     p.add_argument("--dtype", default="same", help=f"one of {', '.join(EXPORT_DTYPES)}: same (default) keeps the "

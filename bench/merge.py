@@ -17,13 +17,10 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from measure import IDLE, PLAIN, ROOT, gb, run
+
 sys.path.insert(0, ROOT)
-
-PLAIN = "import sys, torch; torch.save(torch.load(sys.argv[1], weights_only=True), sys.argv[2])"
-IDLE = "import torch"
 
 
 def make_inputs(directory, n_layer, n_embd, r):
@@ -51,18 +48,6 @@ def make_inputs(directory, n_layer, n_embd, r):
         save_adapter(model, adapter)
         del model
     return base, adapter
-
-
-def run(argv, **kwargs):
-    """(wall seconds, peak RSS bytes) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, **kwargs)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        sys.exit(f"{' '.join(argv[:3])}... failed with exit code {proc.returncode}")
-    return wall, usage.ru_maxrss * 1024
 
 
 def main():
@@ -96,7 +81,6 @@ def main():
         os.remove(f)
     t_plain, m_plain = min(t for t, _ in plain), max(m for _, m in plain)
     t_merge, m_merge = min(t for t, _ in merge), max(m for _, m in merge)
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
     print(f"\nbase model {base}: {gb(size)}; adapter {os.path.getsize(adapter) / 1e6:.1f} MB; "
           f"best time and worst peak of {args.repeat}, each in a fresh process")
     print(f"{'':34}{'wall time':>12}{'peak RSS':>12}")

@@ -67,12 +67,6 @@ def check_room(existing, nbytes):
                           "free: free some space or choose another --output.")
 
 
-def family_of(config):
-    """The model family the tables are keyed by. RWKV6Config only accepts x060 checkpoints
-    (RWKV-7 and older files are refused there with one sentence)."""
-    return "x060"
-
-
 def export_model(model, fmt, output, dtype="same", overwrite=False, progress=True, name=None):
     """Write the official-layout checkpoint `model` as `fmt` to `output` (`name`: the model name a
     GGUF file records, by default the input's file name). Returns (bytes written, one line saying
@@ -85,7 +79,7 @@ def export_model(model, fmt, output, dtype="same", overwrite=False, progress=Tru
         from .gguf import prepare
     else:
         from .safetensors import prepare
-    plan = prepare(sd, config, family_of(config), dtype, name=name or os.path.splitext(os.path.basename(model))[0], fmt=fmt)
+    plan = prepare(sd, config, config.family, dtype, name=name or os.path.splitext(os.path.basename(model))[0], fmt=fmt)
     check_room(existing, plan.nbytes)
     clean_stale_temporaries(output, say=say)
     plan.write(output, progress=progress and sys.stderr.isatty())

@@ -1,11 +1,11 @@
 """GGUF for llama.cpp, with the `gguf` package (the writer llama.cpp's own converter uses).
 
-What is written is what convert_hf_to_gguf.py writes for RWKV-6 (class Rwkv6Model) from the HF
-copy of the same weights: architecture "rwkv6", its hyper-parameter keys, the tensor names and
+What is written is what convert_hf_to_gguf.py writes for RWKV-6 and RWKV-7 (classes Rwkv6Model,
+Rwkv7Model) from the HF copy of the same weights: architecture "rwkv6" / "rwkv7", its hyper-parameter keys, the tensor names and
 transforms of names.py, the converter's rule for which tensors stay F32, and the World tokenizer
 as its _set_vocab_rwkv_world writes it (tokenizer model "rwkv", token 0 "<s>", the 65529 tokens of
 rwkv_vocab_v20230424.txt as repr() text, padding to the vocabulary size). Two choices of ours:
-rescale_every_n_layers is 0 (official .pth weights are not pre-divided, as the HF copies are),
+rescale_every_n_layers (x060) is 0 (official .pth weights are not pre-divided, as the HF copies are),
 and `same` keeps an fp32 file fp32 (the converter's auto guesses f16 there).
 
 The header (metadata and every tensor's name, type, shape and offset) is computed from shapes
@@ -74,13 +74,29 @@ def convert(t, qtype):
     return np.ascontiguousarray(data)
 
 
+def x060_hparams(w, config):
+    if config.dim_att != config.n_embd:
+        raise ExportError(f"llama.cpp's rwkv6 needs dim_att = n_embd, but this model has dim_att {config.dim_att} "
+                          f"and n_embd {config.n_embd}.")
+    w.add_rescale_every_n_layers(0)
+    w.add_time_mix_extra_dim(config.mix_lora)
+    w.add_time_decay_extra_dim(config.decay_lora)
+
+
+def x070_hparams(w, config):
+    w.add_decay_lora_rank(config.w_lora)
+    w.add_iclr_lora_rank(config.a_lora)
+    w.add_value_residual_mix_lora_rank(config.v_lora)
+    w.add_gate_lora_rank(config.g_lora)
+
+
+HPARAMS = {"x060": x060_hparams, "x070": x070_hparams}   # what each architecture adds to the common keys
+
+
 class GGUFPlan:
     """Everything about the file that can be known before any tensor is read."""
 
     def __init__(self, sd, config, family, dtype, name, **_):
-        if config.dim_att != config.n_embd:
-            raise ExportError(f"llama.cpp's rwkv6 needs dim_att = n_embd, but this model has dim_att {config.dim_att} "
-                              f"and n_embd {config.n_embd}.")
         self.dtype = SAME.get(sd["emb.weight"].dtype, "fp32") if dtype == "same" else dtype
         main = MAIN_TYPE[self.dtype]
         self.sd, self.family = sd, family
@@ -94,10 +110,8 @@ class GGUFPlan:
         w.add_embedding_length(config.n_embd)
         w.add_block_count(config.n_layer)
         w.add_layer_norm_eps(LAYER_NORM_EPS)
-        w.add_rescale_every_n_layers(0)
         w.add_wkv_head_size(config.head_size)
-        w.add_time_mix_extra_dim(config.mix_lora)
-        w.add_time_decay_extra_dim(config.decay_lora)
+        HPARAMS[family](w, config)
         w.add_feed_forward_length(config.dim_ffn)
         w.add_file_type(FILE_TYPES[self.dtype])
         w.add_head_count(0)     # required by llama.cpp, unused

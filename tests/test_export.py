@@ -310,3 +310,19 @@ def test_bench_export_measures_every_format(tmp_path):
     assert [r[0] for r in rows] == ["gguf same", "gguf q8_0", "safetensors same", "st fp16"], done.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     assert os.listdir(tmp_path / "export-x070-L1-C64") == ["model.pth"]
+
+
+@pytest.mark.parametrize("fmt,dtype,pattern", [
+    ("gguf", "fp16", r"blk\.0\.time_mix_key\.weight \(from blocks\.0\.att\.key\.weight\) holds NaN or Inf once written as F16"),
+    ("safetensors", "fp16", r"blocks\.0\.att\.key\.weight holds NaN or Inf once cast to float16"),
+    ("st", "same", r"blocks\.0\.att\.key\.weight holds NaN or Inf once cast to float16"),
+])
+def test_a_value_past_the_chosen_type_is_refused(tmp_path, fmt, dtype, pattern):
+    from tests.tiny import save_random_checkpoint
+    path, _, sd = save_random_checkpoint(str(tmp_path), "world", seed=2)
+    sd["blocks.0.att.key.weight"][5, 7] = 1e6       # fine in fp32, past fp16's 65504
+    save_checkpoint(sd, path, "fp32")
+    before = snapshot(tmp_path)
+    message = run_export("--model", path, "--format", fmt, "--output", tmp_path / "o.out", "--dtype", dtype, "--quiet")
+    assert isinstance(message, str) and re.search(pattern, message) and "\n" not in message, message
+    assert snapshot(tmp_path) == before

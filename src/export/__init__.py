@@ -28,6 +28,17 @@ class ExportError(ValueError):
     """An export that cannot be done as asked; the message is one sentence that says why."""
 
 
+def row_chunks(t, elements=1 << 22):
+    """t as [rows, last dim] slices of about `elements` values: conversions run a slice at a time,
+    so their temporaries (a float32 copy, a quantizer's work arrays) are a slice's, not a tensor's."""
+    if t.numel() == 0:
+        return
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, elements // rows.shape[1])
+    for i in range(0, rows.shape[0], step):
+        yield rows[i:i + step]
+
+
 def check_choice(fmt, dtype):
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}.")

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import atomic_write, release_pages, trim_heap
 from ..tokenizer import default_vocab_path, read_vocab
-from . import ExportError
+from . import ExportError, row_chunks
 from .names import GGUF_ALWAYS_F32, GGUF_ARCH, GGUF_TABLES
 
 Q = gguf.GGMLQuantizationType
@@ -66,12 +66,22 @@ def _nbytes(shape, qtype):
     return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
 
 
-def convert(t, qtype):
-    """One output tensor as the bytes GGUF holds (numpy), as the converter makes them."""
-    if t.dtype not in (torch.float16, torch.float32):
-        t = t.to(torch.float32)
-    data = gguf.quants.quantize(t.contiguous().numpy(), qtype)
-    return np.ascontiguousarray(data)
+def convert(t, qtype, what):
+    """One output tensor as the bytes GGUF holds (flat uint8), quantized as the converter does, a
+    few rows at a time into one buffer; NaN or Inf, before or after rounding, is refused."""
+    out, pos = np.empty(_nbytes(tuple(t.shape), qtype), np.uint8), 0
+    for rows in row_chunks(t):
+        x = rows if rows.dtype in (torch.float16, torch.float32) else rows.to(torch.float32)
+        with np.errstate(over="ignore", invalid="ignore"):     # checked just below, in one sentence
+            q = gguf.quants.quantize(x.contiguous().numpy(), qtype)
+        if not torch.isfinite(x).all() or (q.dtype != np.uint8 and not np.isfinite(q).all()):
+            raise ExportError(f"{what} holds NaN or Inf once written as {qtype.name}: nothing was written"
+                              f"{'' if torch.isfinite(x).all() else ' (the .pth itself holds them)'}.")
+        q = q.reshape(-1).view(np.uint8)
+        out[pos:pos + q.size] = q
+        pos += q.size
+    assert pos == out.size
+    return out
 
 
 def x060_hparams(w, config):
@@ -148,10 +158,7 @@ class GGUFPlan:
             untrimmed = 0
             for i, (out, keys, transform) in enumerate(self.table):
                 t = transform(*(self.sd[k] for k in keys))
-                data = convert(t, self.types[out])
-                if data.dtype != np.uint8 and not np.isfinite(data).all():
-                    raise ExportError(f"{out} (from {keys[0]}) holds NaN or Inf once written as {self.types[out].name}: "
-                                      "nothing was written (try --dtype fp32).")
+                data = convert(t, self.types[out], f"{out} (from {keys[0]})")
                 w.write_tensor_data(data)
                 untrimmed += data.nbytes
                 del t, data

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from ..checkpoint import atomic_write, release_pages, trim_heap
-from . import TORCH, ExportError
+from . import TORCH, ExportError, row_chunks
 from .names import st_tensor
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -50,13 +50,17 @@ class SafetensorsPlan:
         t = self.sd[key]
         if self.fmt == "st":
             t = st_tensor(self.family, key, t)[1]
-        t = t.to(out_dtype).contiguous()
         if tuple(t.shape) != shape:
             raise ExportError(f"{key} came out as {list(t.shape)}, not {list(shape)}: the export tables are wrong.")
-        if out_dtype != self.sd[key].dtype and not torch.isfinite(t).all():
-            raise ExportError(f"{key} holds NaN or Inf once cast to {str(out_dtype).replace('torch.', '')}: "
-                              "nothing was written (try --dtype fp32).")
-        return t
+        if t.dtype == out_dtype:
+            return t.contiguous()
+        out = torch.empty(shape, dtype=out_dtype)
+        for rows, cast in zip(row_chunks(t), row_chunks(out)):    # a slice at a time: no whole-tensor temporaries
+            cast.copy_(rows)
+            if not torch.isfinite(cast).all():
+                raise ExportError(f"{key} holds NaN or Inf once cast to {str(out_dtype).replace('torch.', '')}: "
+                                  "nothing was written (try --dtype fp32).")
+        return out
 
     def write(self, output, progress=False):
         def write(f):

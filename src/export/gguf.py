@@ -72,8 +72,11 @@ def convert(t, qtype, what):
     out, pos = np.empty(_nbytes(tuple(t.shape), qtype), np.uint8), 0
     for rows in row_chunks(t):
         x = rows if rows.dtype in (torch.float16, torch.float32) else rows.to(torch.float32)
-        with np.errstate(over="ignore", invalid="ignore"):     # checked just below, in one sentence
-            q = gguf.quants.quantize(x.contiguous().numpy(), qtype)
+        if qtype == Q.BF16:     # torch rounds to nearest even as gguf's numpy BF16 does, several times faster
+            q = rows.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint8)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):     # checked just below, in one sentence
+                q = gguf.quants.quantize(x.contiguous().numpy(), qtype)
         if not torch.isfinite(x).all() or (q.dtype != np.uint8 and not np.isfinite(q).all()):
             raise ExportError(f"{what} holds NaN or Inf once written as {qtype.name}: nothing was written"
                               f"{'' if torch.isfinite(x).all() else ' (the .pth itself holds them)'}.")

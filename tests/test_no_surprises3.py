@@ -25,6 +25,7 @@ from src.data import write_binidx
 from src.quant import QuantError, check_quantizable, quantize_model
 from tests.test_no_surprises import args, killed_on_failure, refused
 from tests.test_train import ROOT, losses, setup, train as run_train  # noqa: F401 (setup is a fixture)
+from tests.test_generate import world  # noqa: F401 (a fixture)
 from tests.tiny import save_random_checkpoint
 
 import bitsandbytes.functional as bnb_F
@@ -166,16 +167,7 @@ def test_damaged_data_through_train(setup, tmp_path, name):
 
 # --- generate.py --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A World-vocabulary base, a trained-looking adapter and their fp32 merge."""
-    from tests.test_merge import make_pair, run_merge
-    d = tmp_path_factory.mktemp("generate3")
-    base, adapter = make_pair(d, "world", "bone", 16, base_dtype="fp32")
-    merged = d / "merged.pth"
-    assert run_merge("--base_model", base, "--adapter", adapter, "--output", merged, "--dtype", "fp32", "--quiet") is None
-    return base, adapter, str(merged)
-
+# (the `world` fixture, imported above: a World base, an adapter, their fp32 merge)
 
 def test_generate_after_a_prompt_longer_than_any_context(world, capsys):
     """RWKV is recurrent: a 600+ token prompt (far past the ctx_len of 32 the tests train with, or

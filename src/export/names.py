@@ -36,86 +36,85 @@ def fuse_lerps(*ts):
     return torch.stack([t.reshape(1, 1, -1) for t in ts], dim=0)
 
 
-def x060_gguf(n_layer):
-    """The llama.cpp "rwkv6" architecture's tensors, in the official key order."""
+def gguf_table(n_layer, layer_rows):
+    """The rows both architectures share (embedding, ln0, each layer's two norms, ln_out, head),
+    around each layer's own rows, layer_rows(layer index, official prefix, GGUF prefix)."""
     table = [("token_embd.weight", ["emb.weight"], same),
              ("token_embd_norm.weight", ["blocks.0.ln0.weight"], same),
              ("token_embd_norm.bias", ["blocks.0.ln0.bias"], same)]
     for i in range(n_layer):
         b, g = f"blocks.{i}.", f"blk.{i}."
-        table += [
-            (g + "attn_norm.weight", [b + "ln1.weight"], same),
-            (g + "attn_norm.bias", [b + "ln1.bias"], same),
-            (g + "attn_norm_2.weight", [b + "ln2.weight"], same),
-            (g + "attn_norm_2.bias", [b + "ln2.bias"], same),
-            (g + "time_mix_lerp_x.weight", [b + "att.time_maa_x"], squeeze),
-            (g + "time_mix_lerp_fused.weight", [b + f"att.time_maa_{m}" for m in "wkvrg"], fuse_lerps),
-            (g + "time_mix_w1.weight", [b + "att.time_maa_w1"], transpose),
-            (g + "time_mix_w2.weight", [b + "att.time_maa_w2"], swap_last),
-            (g + "time_mix_decay.weight", [b + "att.time_decay"], squeeze),
-            (g + "time_mix_decay_w1.weight", [b + "att.time_decay_w1"], transpose),
-            (g + "time_mix_decay_w2.weight", [b + "att.time_decay_w2"], transpose),
-            (g + "time_mix_first.weight", [b + "att.time_faaaa"], same),
-            (g + "time_mix_receptance.weight", [b + "att.receptance.weight"], same),
-            (g + "time_mix_key.weight", [b + "att.key.weight"], same),
-            (g + "time_mix_value.weight", [b + "att.value.weight"], same),
-            (g + "time_mix_output.weight", [b + "att.output.weight"], same),
-            (g + "time_mix_gate.weight", [b + "att.gate.weight"], same),
-            (g + "time_mix_ln.weight", [b + "att.ln_x.weight"], same),
-            (g + "time_mix_ln.bias", [b + "att.ln_x.bias"], same),
-            (g + "channel_mix_lerp_k.weight", [b + "ffn.time_maa_k"], squeeze),
-            (g + "channel_mix_lerp_r.weight", [b + "ffn.time_maa_r"], squeeze),
-            (g + "channel_mix_key.weight", [b + "ffn.key.weight"], same),
-            (g + "channel_mix_receptance.weight", [b + "ffn.receptance.weight"], same),
-            (g + "channel_mix_value.weight", [b + "ffn.value.weight"], same),
-        ]
+        table += [(g + "attn_norm.weight", [b + "ln1.weight"], same),
+                  (g + "attn_norm.bias", [b + "ln1.bias"], same),
+                  (g + "attn_norm_2.weight", [b + "ln2.weight"], same),
+                  (g + "attn_norm_2.bias", [b + "ln2.bias"], same)]
+        table += layer_rows(i, b, g)
     table += [("output_norm.weight", ["ln_out.weight"], same),
               ("output_norm.bias", ["ln_out.bias"], same),
               ("output.weight", ["head.weight"], same)]
     return table
+
+
+def x060_layer(i, b, g):
+    """A layer of the llama.cpp "rwkv6" architecture, in the official key order."""
+    return [
+        (g + "time_mix_lerp_x.weight", [b + "att.time_maa_x"], squeeze),
+        (g + "time_mix_lerp_fused.weight", [b + f"att.time_maa_{m}" for m in "wkvrg"], fuse_lerps),
+        (g + "time_mix_w1.weight", [b + "att.time_maa_w1"], transpose),
+        (g + "time_mix_w2.weight", [b + "att.time_maa_w2"], swap_last),
+        (g + "time_mix_decay.weight", [b + "att.time_decay"], squeeze),
+        (g + "time_mix_decay_w1.weight", [b + "att.time_decay_w1"], transpose),
+        (g + "time_mix_decay_w2.weight", [b + "att.time_decay_w2"], transpose),
+        (g + "time_mix_first.weight", [b + "att.time_faaaa"], same),
+        (g + "time_mix_receptance.weight", [b + "att.receptance.weight"], same),
+        (g + "time_mix_key.weight", [b + "att.key.weight"], same),
+        (g + "time_mix_value.weight", [b + "att.value.weight"], same),
+        (g + "time_mix_output.weight", [b + "att.output.weight"], same),
+        (g + "time_mix_gate.weight", [b + "att.gate.weight"], same),
+        (g + "time_mix_ln.weight", [b + "att.ln_x.weight"], same),
+        (g + "time_mix_ln.bias", [b + "att.ln_x.bias"], same),
+        (g + "channel_mix_lerp_k.weight", [b + "ffn.time_maa_k"], squeeze),
+        (g + "channel_mix_lerp_r.weight", [b + "ffn.time_maa_r"], squeeze),
+        (g + "channel_mix_key.weight", [b + "ffn.key.weight"], same),
+        (g + "channel_mix_receptance.weight", [b + "ffn.receptance.weight"], same),
+        (g + "channel_mix_value.weight", [b + "ffn.value.weight"], same),
+    ]
+
+
+def x070_layer(i, b, g):
+    """A layer of the llama.cpp "rwkv7" architecture. Layer 0 has no value-residual mix (it makes
+    the residual), but llama.cpp wants v0/v1/v2 there of the a0/a1/a2 shapes: as the converter
+    does, they are copies of a0/a1/a2 (never used), and a .pth's own layer-0 v0/v1/v2 are ignored."""
+    rows = [(g + "time_mix_lerp_fused.weight", [b + f"att.x_{m}" for m in "rwkvag"], fuse_lerps)]
+    for m in "wav":
+        src = "a" if i == 0 and m == "v" else m
+        rows += [(g + f"time_mix_{m}0.weight", [b + f"att.{src}0"], squeeze),
+                 (g + f"time_mix_{m}1.weight", [b + f"att.{src}1"], transpose),
+                 (g + f"time_mix_{m}2.weight", [b + f"att.{src}2"], transpose)]
+    return rows + [
+        (g + "time_mix_g1.weight", [b + "att.g1"], transpose),
+        (g + "time_mix_g2.weight", [b + "att.g2"], transpose),
+        (g + "time_mix_k_k.weight", [b + "att.k_k"], squeeze),
+        (g + "time_mix_k_a.weight", [b + "att.k_a"], squeeze),
+        (g + "time_mix_r_k.weight", [b + "att.r_k"], flatten),
+        (g + "time_mix_receptance.weight", [b + "att.receptance.weight"], same),
+        (g + "time_mix_key.weight", [b + "att.key.weight"], same),
+        (g + "time_mix_value.weight", [b + "att.value.weight"], same),
+        (g + "time_mix_output.weight", [b + "att.output.weight"], same),
+        (g + "time_mix_ln.weight", [b + "att.ln_x.weight"], same),
+        (g + "time_mix_ln.bias", [b + "att.ln_x.bias"], same),
+        (g + "channel_mix_lerp_k.weight", [b + "ffn.x_k"], squeeze),
+        (g + "channel_mix_key.weight", [b + "ffn.key.weight"], same),
+        (g + "channel_mix_value.weight", [b + "ffn.value.weight"], same),
+    ]
+
+
+def x060_gguf(n_layer):
+    return gguf_table(n_layer, x060_layer)
 
 
 def x070_gguf(n_layer):
-    """The llama.cpp "rwkv7" architecture's tensors. Layer 0 has no value-residual mix (it makes
-    the residual), but llama.cpp wants v0/v1/v2 there of the a0/a1/a2 shapes: as the converter
-    does, they are copies of a0/a1/a2 (never used), and a .pth's own layer-0 v0/v1/v2 are ignored."""
-    table = [("token_embd.weight", ["emb.weight"], same),
-             ("token_embd_norm.weight", ["blocks.0.ln0.weight"], same),
-             ("token_embd_norm.bias", ["blocks.0.ln0.bias"], same)]
-    for i in range(n_layer):
-        b, g = f"blocks.{i}.", f"blk.{i}."
-        table += [
-            (g + "attn_norm.weight", [b + "ln1.weight"], same),
-            (g + "attn_norm.bias", [b + "ln1.bias"], same),
-            (g + "attn_norm_2.weight", [b + "ln2.weight"], same),
-            (g + "attn_norm_2.bias", [b + "ln2.bias"], same),
-            (g + "time_mix_lerp_fused.weight", [b + f"att.x_{m}" for m in "rwkvag"], fuse_lerps),
-        ]
-        for m in "wav":
-            src = "a" if i == 0 and m == "v" else m
-            table += [(g + f"time_mix_{m}0.weight", [b + f"att.{src}0"], squeeze),
-                      (g + f"time_mix_{m}1.weight", [b + f"att.{src}1"], transpose),
-                      (g + f"time_mix_{m}2.weight", [b + f"att.{src}2"], transpose)]
-        table += [
-            (g + "time_mix_g1.weight", [b + "att.g1"], transpose),
-            (g + "time_mix_g2.weight", [b + "att.g2"], transpose),
-            (g + "time_mix_k_k.weight", [b + "att.k_k"], squeeze),
-            (g + "time_mix_k_a.weight", [b + "att.k_a"], squeeze),
-            (g + "time_mix_r_k.weight", [b + "att.r_k"], flatten),
-            (g + "time_mix_receptance.weight", [b + "att.receptance.weight"], same),
-            (g + "time_mix_key.weight", [b + "att.key.weight"], same),
-            (g + "time_mix_value.weight", [b + "att.value.weight"], same),
-            (g + "time_mix_output.weight", [b + "att.output.weight"], same),
-            (g + "time_mix_ln.weight", [b + "att.ln_x.weight"], same),
-            (g + "time_mix_ln.bias", [b + "att.ln_x.bias"], same),
-            (g + "channel_mix_lerp_k.weight", [b + "ffn.x_k"], squeeze),
-            (g + "channel_mix_key.weight", [b + "ffn.key.weight"], same),
-            (g + "channel_mix_value.weight", [b + "ffn.value.weight"], same),
-        ]
-    table += [("output_norm.weight", ["ln_out.weight"], same),
-              ("output_norm.bias", ["ln_out.bias"], same),
-              ("output.weight", ["head.weight"], same)]
-    return table
+    return gguf_table(n_layer, x070_layer)
 
 
 # The converter's rule: these stay F32 whatever --outtype says (so do 1-D tensors and biases).

@@ -65,7 +65,9 @@ def parse_args(argv=None):
     a("--peft", default="bone", help="bone | lora | none (none: only --train_parts train, no adapter)")
     a("--bone_config", default=None, help='older JSON form: \'{"bone_mode": "bone", "bone_r": 64, "bone_load": ""}\'')
     a("--bone_r", type=int, default=None, help="Bone block size r (default 64)")
-    a("--bone_mode", default=None, help="bone | bat")
+    a("--bone_mode", default=None, help="bone | bat | mini (PEFT's MiSS mini: needs --bone_mini_r)")
+    a("--bone_mini_r", type=int, default=None, help="--bone_mode mini: the bone tensor is [r, mini_r], tiled along "
+                                                    "the outputs (mini_r must divide every adapted output size)")
     a("--bone_load", default=None, help="start from this saved adapter")
     a("--lora_r", type=int, default=8, help="--peft lora: rank")
     a("--lora_alpha", type=float, default=16.0, help="--peft lora: scaling is alpha / r")
@@ -274,7 +276,8 @@ def apply_peft(model, args, bone):
     config = bone.BoneConfig.from_json(args.bone_config).to_dict() if args.bone_config else {}
     if args.peft == "lora":
         config.update(mode="lora", r=args.lora_r, lora_alpha=args.lora_alpha)
-    for key, value in (("mode", args.bone_mode), ("r", args.bone_r), ("load", args.bone_load)):
+    for key, value in (("mode", args.bone_mode), ("r", args.bone_r), ("load", args.bone_load),
+                       ("mini_r", args.bone_mini_r)):
         if value is not None and args.peft == "bone":
             config[key] = value
     config["train_parts"] = parts
@@ -282,7 +285,7 @@ def apply_peft(model, args, bone):
         config["target_modules"] = args.target_modules.split(",")
     bone.apply_adapters(model, bone.BoneConfig.from_dict(config))
     for name, layer in bone.adapter_layers(model).items():
-        if layer.mode in ("bone", "bat") and layer.r > layer.in_features:   # its blocks would be mostly padding
+        if layer.mode in ("bone", "bat", "mini") and layer.r > layer.in_features:   # its blocks would be mostly padding
             raise ValueError(f"{layer.mode} r = {layer.r} is larger than the input size of {name} "
                              f"({layer.in_features}): use r = {min(64, layer.in_features)} or another r up to "
                              f"{layer.in_features}.")

@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import torch.nn as nn
 
-MODES = ("bone", "bat", "lora")
+MODES = ("bone", "bat", "lora", "mini")
 # The 8 RWKV-6 projections; a model's own defaults are its config's default_targets (RWKV-7 has
 # no att.gate or ffn.receptance), which an unset target_modules means.
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
@@ -89,6 +89,8 @@ class BoneConfig:
       k_k, k_a, r_k), "ln" (ln0/ln1/ln2/ln_x/ln_out), "emb",
       "head": base parameters that train too; the rest of the base is frozen.
     lora_alpha: LoRA only; scaling = lora_alpha / r (None: scaling 1).
+    mini_r: mode "mini" only (PEFT's MiSS "mini"): the bone tensor is [r, mini_r], tiled along the
+      outputs; every adapted module's out must be a multiple of it.
     init_weights: True (zero-initialised adapters: the model starts equal to the base); False gives
       random adapter values (for tests), as in PEFT.
     load: an adapter file that apply_adapters loads after applying (the older repository's bone_load).
@@ -101,6 +103,7 @@ class BoneConfig:
     rank_pattern: dict = field(default_factory=dict)
     train_parts: list = field(default_factory=list)
     lora_alpha: Optional[float] = None
+    mini_r: Optional[int] = None
     init_weights: bool = True
     load: Optional[str] = None
 
@@ -146,6 +149,11 @@ class BoneConfig:
         alpha = self.lora_alpha
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0):
             raise AdapterError(f"lora_alpha must be a positive number or None, not {self.lora_alpha!r}.")
+        if self.mode == "mini" and (isinstance(self.mini_r, bool) or not isinstance(self.mini_r, int) or self.mini_r <= 0):
+            raise AdapterError(f"mode mini needs mini_r, a positive integer that divides every adapted module's "
+                               f"output size, not {self.mini_r!r}.")
+        if self.mode != "mini" and self.mini_r is not None:
+            raise AdapterError(f"mini_r is for mode mini only, but mode is {self.mode}.")
         if not isinstance(self.init_weights, bool):
             raise AdapterError(f"init_weights must be True or False, not {self.init_weights!r} "
                                "(pick the method with mode).")

@@ -59,6 +59,7 @@ def adapter_meta(model):
         "targets": list(layers), "train_parts": list(state.train_parts),
         "lora_alpha": state.lora_alpha, "fingerprint": _fingerprint(model),
         "quant": quant["type"], "quantized": list(quant["keys"]),
+        **({"mini_r": next(iter(layers.values())).mini_r} if state.mode == "mini" else {}),
     }
 
 
@@ -92,6 +93,7 @@ META_SCHEMA = {
     "fingerprint": (True, "a dict of the base's sizes or None", _is_fingerprint),
     "quant": (False, f"one of {', '.join(QUANT_NAMES)}", lambda v: isinstance(v, str) and v in QUANT_NAMES),
     "quantized": (False, "a list of weight names", is_str_list),
+    "mini_r": (False, "a positive integer (mode mini)", lambda v: is_int(v, 1)),
 }
 
 
@@ -116,6 +118,9 @@ def _read_meta(meta, source):
         raise AdapterError(f"{where} that names no adapter and no train part: the file holds nothing to load.")
     if meta.get("quant", "none") == "none" and meta.get("quantized"):
         raise AdapterError(f"{where} listing quantized weights under quant none: the file is damaged.")
+    if (meta["mode"] == "mini") != ("mini_r" in meta):
+        raise AdapterError(f"{where} {'without' if meta['mode'] == 'mini' else 'with'} mini_r for mode "
+                           f"{meta['mode']}: the file is damaged.")
     return {"quant": "none", "quantized": [], **meta}     # written before quantization existed: none
 
 
@@ -198,7 +203,8 @@ def load_adapter(model, path_or_state_dict, verbose=False):
 
     state = getattr(model, "_bone_adapters", None)
     if state is None:
-        layers = _build_layers(model, meta["mode"], OrderedDict(meta["r"]), True, meta.get("lora_alpha"))
+        layers = _build_layers(model, meta["mode"], OrderedDict(meta["r"]), True, meta.get("lora_alpha"),
+                               meta.get("mini_r"))
     else:
         layers = adapter_layers(model)
         if meta["mode"] != state.mode:
@@ -269,7 +275,10 @@ def plan_merge(base_shapes, fingerprint, path_or_state_dict):
             raise AdapterError(f"{source} holds a bat adapter of r = {r} for {name}, whose sizes "
                                f"{in_f} -> {out_f} are not multiples of r: the file is inconsistent.")
         tensors = []
-        for t, shape in adapter_shapes(mode, r, out_f, in_f).items():
+        if mode == "mini" and out_f % meta["mini_r"]:
+            raise AdapterError(f"{source} holds a mini adapter of mini_r = {meta['mini_r']} for {name}, whose "
+                               f"{out_f} outputs are not a multiple of it: the file is inconsistent.")
+        for t, shape in adapter_shapes(mode, r, out_f, in_f, meta.get("mini_r")).items():
             k = f"{name}.{t}"
             if k not in sd:
                 raise AdapterError(f"{source} lacks {k}, which its metadata says it holds: the file is incomplete.")

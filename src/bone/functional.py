@@ -14,6 +14,10 @@ Modes (REFERENCE.md section 5):
   temporary; a zero bat gives exactly W, so the base logits bit for bit.
   PEFT's "bat" indexes B by the *output* block (shape [out/r, r, r]); ours follows the RWKV-PEFT
   repository's and REFERENCE.md's convention (by input block): files are not interchangeable.
+- ``mini`` (PEFT's MiSS "mini"): parameter ``bone`` of shape [r, mini_r], zero at the start,
+  tiled along the outputs into bone's [r, out] (out % mini_r == 0), then bone's math:
+  dW[o, i] = B[i mod r, o mod mini_r]. The tiling is a [r, out] tensor, so the product and its
+  backward pass are bone's (the gradient of the tiles sums back into B through repeat).
 - ``lora``: ``lora_A`` [r, in] (Kaiming-uniform), ``lora_B`` [out, r] (zero),
   ``y = x W^T + scaling * (x A^T) B^T`` with scaling = lora_alpha / r (1 when lora_alpha is None).
 
@@ -86,6 +90,20 @@ def bone_linear(x, weight, bone, bias=None):
     """The bone-mode layer as a function: x [..., in], weight [out, in], bone [r, out]."""
     y = _BoneLinearFn.apply(x, weight, bone)
     return y if bias is None else y + bias
+
+
+def mini_tiled(mini, out_features):
+    """The [r, mini_r] mini tensor tiled along the outputs into bone's [r, out]: PEFT's
+    miss_block.repeat(1, out / mini_r), so column o is B[:, o mod mini_r]."""
+    if mini.dim() != 2 or out_features % mini.shape[1]:
+        raise AdapterError(f"A mini tensor of shape {list(mini.shape)} does not fit an output size of "
+                           f"{out_features} (it must be [r, mini_r] with mini_r dividing it).")
+    return mini.repeat(1, out_features // mini.shape[1])
+
+
+def mini_linear(x, weight, mini, bias=None):
+    """The mini-mode layer as a function: bone_linear with the tiled mini tensor."""
+    return bone_linear(x, weight, mini_tiled(mini, weight.shape[0]), bias)
 
 
 def bat_merged_weight(weight, bat, dtype=None):
@@ -165,23 +183,43 @@ def lora_linear(x, weight, lora_A, lora_B, scaling=1.0, bias=None):
     return y if bias is None else y + bias
 
 
-def adapter_shapes(mode, r, out_features, in_features):
+def adapter_shapes(mode, r, out_features, in_features, mini_r=None):
     """{tensor name: shape} of the adapter for an out x in weight: the one statement of them."""
     if mode == "bone":
         return {"bone": (r, out_features)}
+    if mode == "mini":
+        return {"bone": (r, mini_r)}
     if mode == "bat":
         return {"bone": (in_features // r, r, r)}
     return {"lora_A": (r, in_features), "lora_B": (out_features, r)}
 
 
+def lora_factors(adapter, mode, out_features, in_features):
+    """(A [r, in], B [out, r]) with dW = B A exactly: bone (and mini, once tiled) is a LoRA whose A
+    is the tiled identity, A[j, i] = 1 where i mod r == j (the tail of a non-divisible input takes
+    the first in % r rows, as in the merge), and B = bone^T; lora's own pair (its scaling apart).
+    bat has none: its update depends on W."""
+    if mode == "mini":
+        adapter, mode = mini_tiled(adapter, out_features), "bone"
+    if mode == "lora":
+        return adapter
+    if mode != "bone":
+        raise AdapterError(f"A {mode} update is not a fixed low-rank product: it has no LoRA form.")
+    r = adapter.shape[0]
+    eye = torch.eye(r, dtype=adapter.dtype, device=adapter.device)
+    return _add_tiled_(adapter.new_zeros(r, in_features), eye), adapter.t()
+
+
 def merged_exact(weight, adapter, mode, scaling=1.0):
     """W + dW for `mode`, in fp32 (fp64 for fp64 weights), on the weight's device: the merge
-    before its one cast. adapter: the bone tensor [r, out] (bone), the bat tensor [in/r, r, r]
+    before its one cast. adapter: the bone tensor [r, out] (bone) or [r, mini_r] (mini), the bat tensor [in/r, r, r]
     (bat), or the pair (lora_A, lora_B) (lora, with `scaling`). Returns a new tensor."""
     if mode not in MODES:
         raise AdapterError(f"Unknown adapter mode {mode!r}: choose one of {', '.join(MODES)}.")
     compute = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
+        if mode == "mini":
+            adapter, mode = mini_tiled(adapter, weight.shape[0]), "bone"
         if mode == "bone":
             if adapter.dim() != 2 or adapter.shape[1] != weight.shape[0]:
                 raise AdapterError(f"A bone tensor of shape {list(adapter.shape)} does not fit a weight "

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from .config import AdapterError
-from .functional import adapter_shapes, bat_linear, bone_linear, lora_linear, merge_weight
+from .functional import adapter_shapes, bat_linear, bone_linear, lora_linear, merge_weight, mini_linear
 
-TENSOR_NAMES = {"bone": ("bone",), "bat": ("bone",), "lora": ("lora_A", "lora_B")}
+TENSOR_NAMES = {"bone": ("bone",), "bat": ("bone",), "lora": ("lora_A", "lora_B"), "mini": ("bone",)}
 
 
 def _adapter_dtype(weight):
@@ -50,7 +50,8 @@ class AdapterLinear(nn.Module):
         return OrderedDict((n, getattr(self, n)) for n in TENSOR_NAMES[self.mode])
 
     def _new(self, tensor_name):
-        shape = adapter_shapes(self.mode, self.r, self.out_features, self.in_features)[tensor_name]
+        shape = adapter_shapes(self.mode, self.r, self.out_features, self.in_features,
+                               getattr(self, "mini_r", None))[tensor_name]
         return nn.Parameter(torch.zeros(shape, dtype=_adapter_dtype(self.weight), device=self.weight.device))
 
     def base_weight(self):
@@ -109,6 +110,24 @@ class BatLinear(BoneLinear):
         super().__init__(base, r, name, init_weights)
 
 
+class MiniLinear(BoneLinear):
+    """PEFT's MiSS "mini": a [r, mini_r] bone tensor tiled along the outputs (zero at the start,
+    as PEFT's reset_mini_parameters)."""
+    mode = "mini"
+    _linear = staticmethod(mini_linear)
+
+    def __init__(self, base, r, name="", init_weights=True, mini_r=None):
+        if not mini_r or base.out_features % mini_r:
+            raise AdapterError(f"mini mode needs mini_r dividing the output size, but {name or 'a module'} has "
+                               f"{base.out_features} outputs and mini_r = {mini_r}: choose a divisor of "
+                               f"{base.out_features}, or exclude the module.")
+        self.mini_r = mini_r
+        super().__init__(base, r, name, init_weights)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", mini_r={self.mini_r}"
+
+
 class LoraLinear(AdapterLinear):
     mode = "lora"
 
@@ -132,4 +151,4 @@ class LoraLinear(AdapterLinear):
         return super().extra_repr() + f", scaling={self.scaling:g}"
 
 
-LAYERS = {"bone": BoneLinear, "bat": BatLinear, "lora": LoraLinear}
+LAYERS = {"bone": BoneLinear, "bat": BatLinear, "lora": LoraLinear, "mini": MiniLinear}

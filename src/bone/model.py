@@ -19,7 +19,7 @@ def apply_adapters(model, config=None, verbose=True):
     ranks = config.select(model)
     if "head" in ranks and "head" in config.train_parts:
         raise AdapterError("head is both an adapter target and a train part: choose one.")
-    layers = _build_layers(model, config.mode, ranks, config.init_weights, config.lora_alpha)
+    layers = _build_layers(model, config.mode, ranks, config.init_weights, config.lora_alpha, config.mini_r)
     _attach(model, layers, config.mode, config.train_parts, config.lora_alpha)
     if config.load:
         try:

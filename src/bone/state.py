@@ -36,7 +36,7 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None):
+def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None, mini_r=None):
     """New adapter layers for {module path: r}, not yet in the model (so a failure changes nothing)."""
     layers = OrderedDict()
     for name, r in ranks.items():
@@ -46,7 +46,7 @@ def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None):
             base = None
         if not isinstance(base, nn.Linear):
             raise AdapterError(f"The model has no linear module {name} to adapt.")
-        kwargs = {"lora_alpha": lora_alpha} if mode == "lora" else {}
+        kwargs = {"lora_alpha": lora_alpha} if mode == "lora" else {"mini_r": mini_r} if mode == "mini" else {}
         layers[name] = LAYERS[mode](base, r, name=name, init_weights=init_weights, **kwargs)
     return layers
 

@@ -122,6 +122,10 @@ GGUF_ALWAYS_F32 = {"x060": ("time_mix_first", "time_mix_w1", "time_mix_w2", "tim
                             "time_mix_decay_w2", "time_mix_lerp_fused"),
                    "x070": ("time_mix_w1", "time_mix_w2", "time_mix_lerp_fused")}
 GGUF_ARCH = {"x060": "rwkv6", "x070": "rwkv7"}
+# The weights llama.cpp's RWKV-6/7 graphs multiply through build_lora_mm, so a LoRA adapter can
+# change (rwkv6-base.cpp, rwkv7-base.cpp, rwkv6.cpp / rwkv7.cpp for the head): the projections.
+GGUF_LORA = ("time_mix_receptance", "time_mix_key", "time_mix_value", "time_mix_gate", "time_mix_output",
+             "channel_mix_key", "channel_mix_value", "channel_mix_receptance", "output")
 GGUF_TABLES = {"x060": x060_gguf, "x070": x070_gguf}
 
 # web-rwkv / Ai00 ".st" files (web-rwkv's assets/scripts/convert_safetensors.py; for RWKV-7 the

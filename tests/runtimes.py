@@ -7,12 +7,16 @@ import os
 import pytest
 
 
+def missing(why):
+    """Skip saying why, or fail under CI_REQUIRE_RUNTIMES=1."""
+    if os.environ.get("CI_REQUIRE_RUNTIMES") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def require(module, install):
     """Import module, or skip (fail under CI_REQUIRE_RUNTIMES=1) saying `install`."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        why = f"{module} is not importable ({e}): {install}"
-        if os.environ.get("CI_REQUIRE_RUNTIMES") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
+        missing(f"{module} is not importable ({e}): {install}")

@@ -17,6 +17,7 @@ import export
 from src.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
 from src.export import names
 from src.rwkv_package import run_rwkv_package
+from tests.runtimes import require
 from tests.test_merge import make_pair, run_merge, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def family(path):
 
 
 def llama(path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (requirements-gguf.txt)")
+    llama_cpp = require("llama_cpp", "pip install -r requirements-test.txt (README, Set up)")
     return llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
 
 
@@ -293,7 +294,8 @@ def test_existing_output_the_input_itself_junk_and_no_room_are_refused(merged, t
     before = snapshot(tmp_path)
     assert "already exists" in run_export("--model", merged, "--format", "gguf", "--output", tmp_path / "o.gguf")
     assert "is the input model itself" in run_export("--model", merged, "--format", "safetensors", "--output", merged)
-    assert "could not be read" in run_export("--model", tmp_path / "junk.pth", "--format", "gguf", "--output", tmp_path / "x.gguf")
+    assert "junk.pth is not a PyTorch checkpoint (.pth) file" in run_export("--model", tmp_path / "junk.pth", "--format",
+                                                                          "gguf", "--output", tmp_path / "x.gguf")
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     message = run_export("--model", merged, "--format", "gguf", "--output", tmp_path / "x.gguf")

@@ -3,7 +3,7 @@
     python export.py --model merged.pth --format gguf --output merged.gguf      # llama.cpp
     python export.py --model merged.pth --format safetensors --output merged.safetensors
     python export.py --model merged.pth --format st --output merged.st          # web-rwkv / Ai00
-    python export.py --adapter adapter.pth --format gguf --output adapter.gguf  # a llama.cpp LoRA (--lora)
+    python export.py --adapter adapter.pth --format gguf --output adapter.gguf  # a llama.cpp LoRA adapter
 """
 import argparse
 import os

@@ -8,6 +8,9 @@ fresh process and each --repeat times, best time and worst peak kept:
   plain:  python -c "sd = torch.load(model, weights_only=True); torch.save(sd, copy)"
   export: python export.py --model model --format F --output out --dtype D --quiet
           for gguf (same = bf16), gguf q8_0, safetensors (same) and st (fp16)
+  adapter: python export.py --adapter adapter.pth --format gguf --output lora.gguf --quiet, for a
+          bone adapter of r = --adapter_r on the default targets (made once beside the model), with
+          its size beside the merged GGUF's (bf16) and the time beside that model export's
 
     python bench/export.py [--n_layer 24 --n_embd 1024 --family x060 --repeat 3]
 """
@@ -31,6 +34,21 @@ def make_input(path, n_layer, n_embd, family):
     make_checkpoint(path, n_layer=n_layer, n_embd=n_embd, dtype="bf16", family=family)
 
 
+def make_adapter(model, path, r):
+    sys.path.insert(0, ROOT)
+    import torch
+    from src.bone import BoneConfig, apply_adapters, save_adapter
+    from src.family import from_checkpoint
+    print(f"making {path} (bone, r={r})...", flush=True)
+    net = from_checkpoint(model, dtype=torch.bfloat16, op="cpu")
+    apply_adapters(net, BoneConfig(r=r), verbose=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1e-3)
+    save_adapter(net, path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_layer", type=int, default=24)
@@ -38,16 +56,23 @@ def main():
     p.add_argument("--family", choices=("x060", "x070"), default="x060")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--workdir", default=os.path.join(ROOT, "out", "bench"))
+    p.add_argument("--adapter_r", type=int, default=64)
     p.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make_adapter", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     directory = os.path.join(args.workdir, f"export-{args.family}-L{args.n_layer}-C{args.n_embd}")
     os.makedirs(directory, exist_ok=True)
     model = os.path.join(directory, "model.pth")
+    adapter = os.path.join(directory, f"adapter-bone-r{args.adapter_r}.pth")
     if args.make:
         return make_input(model, args.n_layer, args.n_embd, args.family)
-    if not os.path.exists(model):
-        subprocess.run([sys.executable, __file__, "--make", "--n_layer", str(args.n_layer), "--n_embd",
-                        str(args.n_embd), "--family", args.family, "--workdir", args.workdir], check=True)
+    if args.make_adapter:
+        return make_adapter(model, adapter, args.adapter_r)
+    for flag, path in (("--make", model), ("--make_adapter", adapter)):
+        if not os.path.exists(path):
+            subprocess.run([sys.executable, __file__, flag, "--n_layer", str(args.n_layer), "--n_embd",
+                            str(args.n_embd), "--family", args.family, "--workdir", args.workdir,
+                            "--adapter_r", str(args.adapter_r)], check=True)
     size = os.path.getsize(model)
     py, copy = sys.executable, os.path.join(directory, "plain-copy.pth")
     idle = run([py, "-c", IDLE])
@@ -59,8 +84,12 @@ def main():
             results.setdefault((fmt, dtype), []).append(
                 (*run([py, os.path.join(ROOT, "export.py"), "--model", model, "--format", fmt, "--output", out,
                        "--dtype", dtype, "--overwrite", "--quiet"], stdout=subprocess.DEVNULL), os.path.getsize(out)))
+        out = os.path.join(directory, "out-lora.gguf")
+        results.setdefault("adapter", []).append(
+            (*run([py, os.path.join(ROOT, "export.py"), "--adapter", adapter, "--format", "gguf", "--output", out,
+                   "--overwrite", "--quiet"], stdout=subprocess.DEVNULL), os.path.getsize(out)))
     for name in os.listdir(directory):
-        if name != "model.pth":
+        if name not in ("model.pth", os.path.basename(adapter)):
             os.remove(os.path.join(directory, name))
     t_plain, m_plain = min(r[0] for r in results["plain"]), max(r[1] for r in results["plain"])
     print(f"\ninput {model}: {gb(size)} ({args.family}, bf16); best time and worst peak of {args.repeat}, "
@@ -74,6 +103,14 @@ def main():
     for fmt, dtype in CASES:
         rows = results[(fmt, dtype)]
         row(f"export.py {fmt} {dtype}", min(r[0] for r in rows), max(r[1] for r in rows), rows[0][2])
+    rows, merged = results["adapter"], results[("gguf", "same")]
+    t, m, out = min(r[0] for r in rows), max(r[1] for r in rows), rows[0][2]
+    t_merged, out_merged = min(r[0] for r in merged), merged[0][2]
+    print(f"\nadapter {os.path.basename(adapter)} ({gb(os.path.getsize(adapter))}) as a llama.cpp LoRA, "
+          f"export.py --adapter --format gguf:")
+    print(f"adapter gguf lora r={args.adapter_r}: {t:.2f}s, peak {gb(m)}, {out / 1e6:.1f} MB; "
+          f"{t / t_merged:.3f}x the time and {out / out_merged:.3f}x the size of the merged GGUF (bf16, "
+          f"{t_merged:.2f}s, {out_merged / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

@@ -311,7 +311,10 @@ def test_bench_export_measures_every_format(tmp_path):
                       done.stdout, re.M)
     assert [r[0] for r in rows] == ["gguf same", "gguf q8_0", "safetensors same", "st fp16"], done.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
-    assert os.listdir(tmp_path / "export-x070-L1-C64") == ["model.pth"]
+    lora = re.search(r"^adapter gguf lora r=64: ([\d.]+)s, peak [\d.]+ GB, ([\d.]+) MB; ([\d.]+)x the time and "
+                     r"([\d.]+)x the size of the merged GGUF", done.stdout, re.M)
+    assert lora and float(lora[1]) > 0 and 0 < float(lora[4]) < 1, done.stdout
+    assert sorted(os.listdir(tmp_path / "export-x070-L1-C64")) == ["adapter-bone-r64.pth", "model.pth"]
 
 
 @pytest.mark.parametrize("fmt,dtype,pattern", [

@@ -11,12 +11,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from src.cli import ArgumentParser  # noqa: E402
 from src.config import CheckpointError  # noqa: E402
 from src.export import EXPORT_DTYPES, FORMATS, ExportError, export_model  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="the RWKV-6 (x060) or RWKV-7 (x070) .pth to export, e.g. merge.py's output; "
                    "with --adapter, the base it is checked against (optional)")
     p.add_argument("--adapter", default=None, help="a bone, mini or lora adapter file to write as a llama.cpp LoRA adapter "

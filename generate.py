@@ -1,7 +1,8 @@
 """Continue a prompt with an RWKV-6 or RWKV-7 World model: a base with the adapter train.py wrote (no merge
 needed), or a merged file. The prompt is read once, then the model runs one token at a time
 through its state; the continuation streams to stdout. Sampling options mean what they mean in
-the `rwkv` package's PIPELINE_ARGS (and default to its values); --temperature 0 is greedy.
+the `rwkv` package's PIPELINE_ARGS (and default to its values); --temperature 0 is greedy: plain
+argmax, the text merge.py --verify prints, unless --alpha_presence or --alpha_frequency is given.
 
     python generate.py --model RWKV-x060-World-1B6.pth --adapter out/bone/adapter-0001000.pth \\
         --prompt_file prompt.txt --max_tokens 200 --temperature 1 --top_p 0.3
@@ -18,7 +19,8 @@ def ids(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from src.cli import ArgumentParser
+    p = ArgumentParser("generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help="the base .pth (with --adapter), or a merged one")
     a("--adapter", default=None, help="an adapter file from train.py (adapter-STEP.pth), applied to --model")
@@ -26,18 +28,22 @@ def parse_args(argv=None):
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt_file", help="a UTF-8 text file holding the prompt")
     a("--max_tokens", type=int, default=200, help="generate at most this many tokens")
-    a("--temperature", type=float, default=1.0, help="0: greedy; below 1 sharper, above 1 flatter")
+    a("--temperature", type=float, default=1.0, help="0: greedy (plain argmax, as merge.py --verify prints it, unless "
+                                                     "a penalty is given); below 1 sharper, above 1 flatter")
     a("--top_p", type=float, default=0.85, help="sample among the most likely tokens that together reach this probability")
     a("--top_k", type=int, default=0, help="sample among at most this many tokens (0: no limit)")
-    a("--alpha_presence", type=float, default=0.2, help="penalty on any token already generated")
-    a("--alpha_frequency", type=float, default=0.2, help="penalty per earlier occurrence (decayed by --alpha_decay per token)")
+    # None: not given. Sampling takes the package's 0.2; --temperature 0 takes 0 (plain greedy).
+    a("--alpha_presence", type=float, default=None, help="penalty on any token already generated "
+                                                         "(default 0.2; 0 with --temperature 0)")
+    a("--alpha_frequency", type=float, default=None, help="penalty per earlier occurrence (decayed by --alpha_decay "
+                                                          "per token; default 0.2; 0 with --temperature 0)")
     a("--alpha_decay", type=float, default=0.996, help="how fast occurrences are forgotten")
     a("--token_ban", type=ids, default=(), help="comma-separated token ids never to generate")
     a("--token_stop", type=ids, default=(0,), help="comma-separated ids that end the text (default 0, the end-of-document "
                                                  "token train.py's data puts after every document; '' for none)")
     a("--seed", type=int, default=None, help="seed the sampling: the same seed gives the same text (default: random)")
     a("--device", default="auto", help="cpu | cuda | auto (cuda when there is a GPU)")
-    a("--op", default="auto", help="WKV6 implementation: auto | cuda | cpu")
+    a("--op", default="auto", help="WKV (WKV6 or WKV7, by the model's family) implementation: auto | cuda | cpu")
     a("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU, fp32 on the CPU)")
     return p.parse_args(argv)
 
@@ -59,10 +65,14 @@ def run(args):
 
     from src.checkpoint import DTYPES, load_checkpoint
     from src.generation import WORLD_VOCAB, generate, load_model, model_step, stream_text, world_sampler
-    from src.sampling import SamplingArgs
+    from src.sampling import GREEDY, SamplingArgs
     from src.tokenizer import world_tokenizer
 
-    sampling = SamplingArgs(args.temperature, args.top_p, args.top_k, args.alpha_presence, args.alpha_frequency,
+    # A penalty not given: the package's default when sampling, none when greedy (plain argmax).
+    unset = GREEDY if args.temperature == 0 else SamplingArgs()
+    presence = unset.alpha_presence if args.alpha_presence is None else args.alpha_presence
+    frequency = unset.alpha_frequency if args.alpha_frequency is None else args.alpha_frequency
+    sampling = SamplingArgs(args.temperature, args.top_p, args.top_k, presence, frequency,
                             args.alpha_decay, args.token_ban).check()
     if args.max_tokens < 1:
         raise ValueError(f"--max_tokens {args.max_tokens} generates nothing: give 1 or more.")

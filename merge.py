@@ -1,6 +1,6 @@
-"""Merge a Bone (or bat, or LoRA) adapter into its base RWKV-6 checkpoint: the output is an
+"""Merge a Bone (or bat, or LoRA) adapter into its base RWKV-6 or RWKV-7 checkpoint: the output is an
 official-layout .pth (the base's keys, in the base's order, no adapter keys) that the `rwkv`
-runtime and every other RWKV-6 inference program loads as it loads the base.
+runtime and every other RWKV inference program loads as it loads the base.
 
     python merge.py --base_model base.pth --adapter out/bone/adapter-0001000.pth --output merged.pth
 
@@ -13,6 +13,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from src.bone import AdapterError  # noqa: E402
+from src.cli import ArgumentParser, sentence  # noqa: E402
 from src.checkpoint import clean_stale_temporaries, temporary_file  # noqa: E402
 from src.config import CheckpointError  # noqa: E402
 from src.export import FORMATS, ExportError, check_choice, check_output, export_model  # noqa: E402
@@ -22,7 +23,7 @@ from src.verify import DEFAULT_PROMPT  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser("merge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_model", required=True, help="the official .pth the adapter was trained on")
     p.add_argument("--adapter", "--lora_checkpoint", dest="adapter", required=True,
                    help="the adapter file train.py wrote (adapter-STEP.pth); --lora_checkpoint is the older name")
@@ -62,7 +63,7 @@ def main(argv=None):
                                   safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
                                   progress=not args.quiet, quant=args.quant)
     except (CheckpointError, AdapterError, MergeError, QuantError) as e:
-        sys.exit(f"merge.py: {e}")
+        sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     size = os.path.getsize(args.output)
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
     report_merge(args, report, dtype, why, args.output)
@@ -106,7 +107,7 @@ def merge_to_format(args):
             if os.path.exists(merged):
                 os.remove(merged)
     except (CheckpointError, AdapterError, MergeError, QuantError, ExportError) as e:
-        sys.exit(f"merge.py: {e}")
+        sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s: {line}")
 
 

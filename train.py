@@ -18,7 +18,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def parse_args(argv=None):
     from src.data import SFT_TEMPLATE
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    from src.cli import ArgumentParser
+    p = ArgumentParser("train.py", description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")
     a("--proj_dir", default="out", help="where adapters, the resume point, log.csv and loss.png go")
@@ -94,11 +95,14 @@ def main(argv=None):
     try:
         check_args(args)
         with run_directory(args) as run_dir:
+            if run_dir is not None:
+                run_dir.made = made     # the start line says so: no directory is made without a word
             run(args, run_dir)
     except (ValueError, FileNotFoundError) as e:  # our errors are one sentence: no traceback for the user
         if made and os.path.isdir(args.proj_dir) and not os.listdir(args.proj_dir):
             os.rmdir(args.proj_dir)     # refused before any work: leave nothing behind
-        sys.exit(f"train.py: {e}")
+        from src.cli import sentence
+        sys.exit(f"train.py: {sentence(e, '--bone_load', '--load_model')}")
     except (OSError, RuntimeError) as e:
         from src.training.callbacks import disk_full
         if not disk_full(e, args.proj_dir):
@@ -196,8 +200,9 @@ def run(args, run_dir):
     if run_dir is not None:
         print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
               f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
-              f"tokens into {args.proj_dir}" + (f", each sample in pieces of {args.chunk_ctx} tokens"
-                                                 if 0 < args.chunk_ctx < args.ctx_len else ""), flush=True)
+              f"tokens into {args.proj_dir}" + (" (a new directory)" if run_dir.made else "")
+              + (f", each sample in pieces of {args.chunk_ctx} tokens" if 0 < args.chunk_ctx < args.ctx_len else ""),
+              flush=True)
         check_run(run_dir, args, settings(model, args, bone), total_steps)
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 

@@ -6,6 +6,8 @@
 # (MODEL_FAMILY=x070: an RWKV-7 base, in out/demo-x070), fine-tuned on whatever this machine has.
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# A misspelled setting (EPOCH_STEP=2) would be ignored silently: refuse it before any work.
+python "$ROOT/scripts/check_settings.py" "$ROOT/scripts/run_bone.sh" || exit 2
 
 if [ -z "$MODEL" ]; then
     DEMO=1
@@ -17,9 +19,24 @@ if [ -z "$MODEL" ]; then
     MODEL=$(python "$ROOT/scripts/make_demo.py" "$DEMO_DIR" --family "${MODEL_FAMILY:-x060}" | tail -n 1)
     DATA=${DATA:-$DEMO_DIR/stories}
     if [ -z "$PROJ_DIR" ]; then
-        # The demo's own run directory: running the demo again starts it anew (unless --resume).
+        # The demo's own run directory. Nothing in it is deleted unless this command says --overwrite:
+        # an interrupted demo run is resumed; a finished one (or one with no resume point) is refused.
         PROJ_DIR=$DEMO_DIR/run
-        case " $* " in *" --resume "*) ;; *) set -- --overwrite "$@" ;; esac
+        case " $* " in
+            *" --resume "* | *" --overwrite "*) ;;
+            *)
+                STATE=$(cd "$ROOT" && python -m src.training.rundir "$PROJ_DIR")
+                AGAIN="${MODEL_FAMILY:+MODEL_FAMILY=$MODEL_FAMILY }sh $0 --overwrite${*:+ $*}"
+                case "$STATE" in
+                    resumable*) echo "run_bone.sh: resuming the interrupted demo run in $PROJ_DIR from step ${STATE#* }" \
+                                     "(to start it anew instead, deleting it: $AGAIN)"
+                                set -- --resume "$@" ;;
+                    finished*) echo "run_bone.sh: the demo run in $PROJ_DIR is finished (step ${STATE#* }): to train" \
+                                    "it again from the start, deleting it, run: $AGAIN" >&2; exit 1 ;;
+                    stopped*) echo "run_bone.sh: the demo run in $PROJ_DIR stopped before its first resume point:" \
+                                   "to start it anew, deleting it, run: $AGAIN" >&2; exit 1 ;;
+                esac ;;
+        esac
     fi
     CTX_LEN=${CTX_LEN:-128}
     MICRO_BSZ=${MICRO_BSZ:-8}

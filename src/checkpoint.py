@@ -19,11 +19,19 @@ from .config import CheckpointError, RWKV6Config, RWKV7Config, read_config
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def load_state_dict(path, mmap=True):
-    """A .pth file as a dict of tensors. weights_only=True: a stranger's file cannot run code."""
+def load_state_dict(path, mmap=True, what="an RWKV model file"):
+    """A .pth file as a dict of tensors. weights_only=True: a stranger's file cannot run code.
+    `what` is what the user should have given, for a file that is no PyTorch file at all."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist or is not a file.")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if not magic.startswith((b"PK", b"\x80")):  # neither torch.save's zip nor its older pickle format
+        # (torch's own message would advise re-saving it with torch.save)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (.pth) file: give {what}.")
+    if magic.startswith(b"\x80"):
+        mmap = False                            # the older format cannot be memory-mapped
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds; the user needs one sentence
@@ -36,6 +44,16 @@ def load_checkpoint(path, mmap=True):
     refusing anything else with one sentence."""
     sd = load_state_dict(path, mmap=mmap)
     return sd, read_config(sd, source=os.fspath(path))
+
+
+def output_directory(output, error=ValueError):
+    """The directory --output goes in, which must exist: a mistyped path is refused, never made
+    without a word (merge.py, export.py)."""
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise error(f"--output {output}: the directory {os.path.dirname(os.fspath(output))} does not exist: create it "
+                    "first or give another --output.")
+    return directory
 
 
 def temporary_file(path):

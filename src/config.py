@@ -10,6 +10,32 @@ class CheckpointError(ValueError):
     """A file that is not a usable RWKV-6 or RWKV-7 checkpoint; the message says why."""
 
 
+class AdapterFileError(CheckpointError):
+    """An adapter file given where a model goes. The message names generate.py's flags; the other
+    scripts word it with their own (advice(), through src/cli.py's sentence())."""
+
+    def __init__(self, source):
+        self.source = source
+        super().__init__(self.advice("--adapter", "--model"))
+
+    def advice(self, adapter_flag, model_flag):
+        if adapter_flag is None:    # a script that takes no adapter (export.py)
+            return f"{self.source} is an adapter file, not a model: merge it into its base model with merge.py first."
+        return (f"{self.source} is an adapter file, not a model: give it as {adapter_flag} and the base model as "
+                f"{model_flag}.")
+
+
+ADAPTER_KEYS = (".bone", ".disha", ".lora_A", ".lora_B")     # adapter tensors (this project's and the older's)
+
+
+def _is_adapter_file(sd):
+    """train.py's adapter files (metadata), or the older repository's: adapter tensors and no
+    projection weights (a model with adapter keys added is refused as a model with extra keys)."""
+    keys = [k for k in sd if isinstance(k, str)]
+    return "__bone_meta__" in sd or (any(k.endswith(ADAPTER_KEYS) for k in keys)
+                                     and not any(k.endswith(".att.key.weight") for k in keys))
+
+
 @dataclass(frozen=True)
 class RWKV6Config:
     family = "x060"
@@ -158,6 +184,8 @@ def read_config(sd, source="the checkpoint"):
     x060: the time_maa_* keys), every size read off the tensors; anything else is refused with
     one sentence naming what was found."""
     _check_dict(sd, source)
+    if _is_adapter_file(sd):
+        raise AdapterFileError(source)
     return family_of(sd, source).from_state_dict(sd, source)
 
 

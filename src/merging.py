@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from .bone import AdapterError, merged_exact, plan_merge, read_adapter, train_part_of
-from .checkpoint import (DTYPES, check_finite, clean_stale_temporaries, load_checkpoint, release_pages,
-                         stream_checkpoint, trim_heap)
+from .checkpoint import (DTYPES, check_finite, clean_stale_temporaries, load_checkpoint, output_directory,
+                         release_pages, stream_checkpoint, trim_heap)
 from .quant import bnb_functional, check_quant, rounded
 
 OUTPUT_DTYPES = ("auto", "same") + tuple(DTYPES)
@@ -122,10 +122,7 @@ def check_output(output, base, adapter, overwrite, nbytes):
         raise MergeError(f"--output {output} is a directory: give a file name, such as {os.path.join(output, 'merged.pth')}.")
     if os.path.lexists(output) and not overwrite:
         raise MergeError(f"{output} already exists: pass --overwrite to replace it, or choose another --output.")
-    directory = os.path.dirname(os.path.abspath(output))
-    existing = directory
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
+    existing = output_directory(output, MergeError)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise MergeError(f"Cannot write to {existing}: choose an --output in a directory you can write to.")
     free = shutil.disk_usage(existing).free
@@ -303,10 +300,11 @@ def format_report(report, dtype):
     """The survival table merge.py prints, and one warning line when a kind loses > 10%."""
     lines = [f"how much of the fine-tuning survives the cast to the output dtype ({dtype}):",
              f"  {'kind':<16}{'tensors':>8}{'|update|/|W|':>15}{'lost':>10}"]
-    warnings = []
+    warnings, zero = [], []
     for kind, row in report.items():
         lost = "no update" if row.lost is None else f"{row.lost:.3e}"
-        rel = "W is 0" if row.relative_update is None else f"{row.relative_update:.3e}"
+        rel = "n/a" if row.relative_update is None else f"{row.relative_update:.3e}"
+        zero += [kind] if row.relative_update is None else []
         lines.append(f"  {kind:<16}{row.tensors:>8}{rel:>15}{lost:>10}")
         if row.lost is not None and row.lost > LOST_WARNING:
             warnings.append(f"{kind} {row.lost:.0%}")
@@ -315,6 +313,9 @@ def format_report(report, dtype):
         lines.append(f"WARNING: {dtype} loses more than {LOST_WARNING:.0%} of the update of {len(warnings)} kinds "
                      f"({', '.join(warnings)}): merge with --dtype auto (the default) or fp32 to keep it.")
     return "\n".join(lines)
+    if zero:
+        lines.append(f"  (n/a: the base's {' and '.join(zero)} weights are all zero, as in a freshly initialised model, "
+                     "so the update has no size relative to them; it is merged all the same)")
 
 
 __all__ = ["MergeError", "Survival", "merge_checkpoint", "quant_plan", "format_report", "kind_of", "check_output",

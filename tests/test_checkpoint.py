@@ -108,7 +108,7 @@ def test_missing_file(tmp_path):
 
 def test_garbage_file(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"this is not a checkpoint")
-    assert "could not be read as a PyTorch weights file" in refusal(tmp_path / "junk.pth")
+    assert "junk.pth is not a PyTorch checkpoint (.pth) file: give an RWKV model file." in refusal(tmp_path / "junk.pth")
 
 
 class Payload:

@@ -242,3 +242,28 @@ def test_what_a_lora_cannot_hold_is_refused_and_nothing_written(tmp_path, what, 
 def test_neither_model_nor_adapter_is_refused(tmp_path):
     message = run_export("--format", "gguf", "--output", tmp_path / "a.gguf")
     assert "Give --model" in message and os.listdir(tmp_path) == []
+
+
+def test_several_ranks_write_alpha_0_and_a_file_without_sizes_needs_the_base(tmp_path):
+    """llama.cpp has one alpha per file: with rank_pattern's several ranks, alpha 0 (read as alpha / r = 1
+    for every module). An older adapter file records no sizes: --model gives them."""
+    base, _, _ = save_random_checkpoint(tmp_path, "world", 0, dtype="fp32")
+    model = from_checkpoint(base, dtype=torch.float32, op="cpu")
+    apply_adapters(model, BoneConfig(r=16, rank_pattern={"ffn.value": 32}), verbose=False)
+    randomize(model, 0)
+    adapter = tmp_path / "a.pth"
+    save_adapter(model, adapter)
+    assert run_export("--adapter", adapter, "--format", "gguf", "--output", tmp_path / "a.gguf", "--quiet") is None
+    fields, arrays = gguf_arrays(tmp_path / "a.gguf")
+    assert fields["adapter.lora.alpha"] == 0.0
+    assert arrays["blk.1.channel_mix_value.weight.lora_b"].shape == (64, 32)
+    sd = torch.load(adapter, weights_only=True)
+    sd["__bone_meta__"]["fingerprint"] = None
+    torch.save(sd, adapter)
+    before = snapshot(tmp_path)
+    message = run_export("--adapter", adapter, "--format", "gguf", "--output", tmp_path / "b.gguf")
+    assert "does not record its base model's sizes" in message and "\n" not in message, message
+    assert snapshot(tmp_path) == before
+    assert run_export("--adapter", adapter, "--model", base, "--format", "gguf", "--output", tmp_path / "b.gguf",
+                      "--quiet") is None
+    assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "a.gguf").read_bytes()

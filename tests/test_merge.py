@@ -195,11 +195,12 @@ def test_missing_and_unreadable_files_are_refused(tmp_path, pair):
     refused(tmp_path, ["--base_model", base, "--adapter", tmp_path / "nope.pth", "--output", out], "nope.pth does not exist")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
     refused(tmp_path, ["--base_model", tmp_path / "garbage.pth", "--adapter", adapter, "--output", out],
-            "could not be read as a PyTorch weights file")
+            r"garbage.pth is not a PyTorch checkpoint \(.pth\) file: give an RWKV model file\.")
     refused(tmp_path, ["--base_model", base, "--adapter", tmp_path / "garbage.pth", "--output", out],
-            "could not be read as a PyTorch weights file")
+            r"garbage.pth is not a PyTorch checkpoint \(.pth\) file: give an adapter file written by train.py")
     refused(tmp_path, ["--base_model", base, "--adapter", base, "--output", out], "it is not an adapter file")
-    refused(tmp_path, ["--base_model", adapter, "--adapter", adapter, "--output", out], "not an RWKV-6|not a complete|lacks")
+    refused(tmp_path, ["--base_model", adapter, "--adapter", adapter, "--output", out],
+            r"is an adapter file, not a model: give it as --adapter and the base model as --base_model\.")
 
 
 def test_an_adapter_for_another_model_is_refused(tmp_path, pair):
@@ -314,6 +315,7 @@ def test_the_command_line_says_one_sentence_and_no_traceback(tmp_path, pair):
 def test_merge_bone_sh_and_verify(tmp_path, pair):
     base, adapter = pair
     out = tmp_path / "sub" / "merged.pth"
+    out.parent.mkdir()      # merge.py makes no directory (tests/test_first_hour.py)
     env = dict(os.environ, BASE=str(base), ADAPTER=str(adapter), OUTPUT=str(out))
     p = subprocess.run(["sh", os.path.join(ROOT, "scripts", "merge_bone.sh"), "--dtype", "fp32", "--verify"],
                        capture_output=True, text=True, env=env)

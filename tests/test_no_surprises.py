@@ -88,7 +88,7 @@ def test_bad_files(setup, tmp_path):
             r"is a .jsonl file, but --data_type is binidx: add --data_type jsonl", tmp_path, d)
     (tmp_path / "notes.pth").write_text("not weights")
     refused(args(setup, tmp_path / "o") + ["--load_model", str(tmp_path / "notes.pth")],
-            r"notes.pth could not be read as a PyTorch weights file", tmp_path, d)
+            r"notes.pth is not a PyTorch checkpoint \(.pth\) file: give an RWKV model file", tmp_path, d)
     (tmp_path / "afile").write_text("x")
     refused(args(setup, tmp_path / "afile"), r"--proj_dir .*afile is a file, not a directory", tmp_path, d)
     refused(args(setup, tmp_path / "afile" / "run"), r"--proj_dir .*afile/run cannot be made \(Not a directory\): "

@@ -159,7 +159,7 @@ def read_adapter(path_or_state_dict, mmap=False):
         loaded, source = path_or_state_dict, "the adapter state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        loaded = load_state_dict(source, mmap=mmap)
+        loaded = load_state_dict(source, mmap=mmap, what="an adapter file written by train.py (adapter-STEP.pth)")
     if not isinstance(loaded, dict):
         raise AdapterError(f"{source} holds {show(loaded)}, not a dict of tensors: it is not an adapter file.")
     sd = OrderedDict(loaded)

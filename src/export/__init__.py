@@ -1,4 +1,4 @@
-"""Export a merged (or any official-layout) RWKV-6 .pth to another runtime's format: GGUF for
+"""Export a merged (or any official-layout) RWKV-6 or RWKV-7 .pth to another runtime's format: GGUF for
 llama.cpp, safetensors with the official keys, web-rwkv / Ai00's .st. What export.py and
 merge.py --format run.
 
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from ..checkpoint import clean_stale_temporaries, load_checkpoint
+from ..checkpoint import clean_stale_temporaries, load_checkpoint, output_directory
 from ..config import CheckpointError
 
 FORMATS = ("gguf", "safetensors", "st")
@@ -63,9 +63,7 @@ def check_output(output, model, overwrite):
         raise ExportError(f"--output {output} is a directory: give a file name.")
     if os.path.lexists(output) and not overwrite:
         raise ExportError(f"{output} already exists: pass --overwrite to replace it, or choose another --output.")
-    existing = os.path.dirname(os.path.abspath(output))
-    while not os.path.isdir(existing):
-        existing = os.path.dirname(existing)
+    existing = output_directory(output, ExportError)
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ExportError(f"Cannot write to {existing}: choose an --output in a directory you can write to.")
     return existing

@@ -52,6 +52,9 @@ class SafetensorsPlan:
             t = st_tensor(self.family, key, t)[1]
         if tuple(t.shape) != shape:
             raise ExportError(f"{key} came out as {list(t.shape)}, not {list(shape)}: the export tables are wrong.")
+        # NaN or Inf in the .pth itself is refused in every output type, as gguf.py does.
+        if not all(torch.isfinite(rows).all() for rows in row_chunks(t)):
+            raise ExportError(f"{key} holds NaN or Inf: nothing was written (the .pth itself holds them).")
         if t.dtype == out_dtype:
             return t.contiguous()
         out = torch.empty(shape, dtype=out_dtype)

@@ -57,6 +57,7 @@ class RunDir:
         owner = take_pid_lock(self.lock_path, say=say)
         if owner is not None:
             who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
+        self.made = False       # train.py: whether this run made proj_dir (its start line says so)
             raise ValueError(f"Another run ({who}) is using {self.proj_dir}: wait for it, or choose another "
                              f"--proj_dir (if no run is going on, delete {self.lock_path}).")
         self.locked = True
@@ -161,3 +162,27 @@ def differences(recorded, now):
             else:
                 out.append(f"{key}: {a} then, {b} now")
     return out
+
+
+def run_state(proj_dir):
+    """(state, step) of the run in proj_dir, for scripts/run_bone.sh's demo: ("none", 0) when it
+    holds none, ("resumable", step) when it stopped before its last step with a resume point,
+    ("finished", step), or ("stopped", 0): an earlier run with no resume point to continue from."""
+    run_dir = RunDir(proj_dir)
+    if not run_dir.earlier_run():
+        return "none", 0
+    try:
+        recorded = run_dir.recorded() or {}
+    except ValueError:      # a damaged run.json: nothing to resume from
+        return "stopped", 0
+    step = recorded.get("resume_step", 0)
+    if "total_steps" in recorded and step >= recorded["total_steps"]:
+        return "finished", step
+    if step and any(os.path.exists(os.path.join(proj_dir, n)) for n in ("resume", "resume.old")):
+        return "resumable", step
+    return "stopped", 0
+
+
+if __name__ == "__main__":     # python -m src.training.rundir PROJ_DIR: "STATE STEP" (scripts/run_bone.sh)
+    import sys
+    print(*run_state(sys.argv[1]))

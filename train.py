@@ -17,8 +17,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 
 def parse_args(argv=None):
-    from src.data import SFT_TEMPLATE
     from src.cli import ArgumentParser
+    from src.data import SFT_TEMPLATE
     p = ArgumentParser("train.py", description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")

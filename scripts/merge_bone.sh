@@ -8,11 +8,11 @@
 # the RWKV-7 demo's, in out/demo-x070). Relative paths are read from where you stand.
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# A misspelled setting (ADAPTR=...) would be ignored silently: refuse it before any work.
+python "$ROOT/scripts/check_settings.py" "$ROOT/scripts/merge_bone.sh" || exit 2
 
 if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
     case "${MODEL_FAMILY:-x060}" in
-# A misspelled setting (ADAPTR=...) would be ignored silently: refuse it before any work.
-python "$ROOT/scripts/check_settings.py" "$ROOT/scripts/merge_bone.sh" || exit 2
         x060) DEMO=out/demo ;;
         x070) DEMO=out/demo-x070 ;;
         *) echo "merge_bone.sh: MODEL_FAMILY must be x060 (RWKV-6) or x070 (RWKV-7), not $MODEL_FAMILY." >&2; exit 2 ;;

@@ -309,13 +309,13 @@ def format_report(report, dtype):
         if row.lost is not None and row.lost > LOST_WARNING:
             warnings.append(f"{kind} {row.lost:.0%}")
     lines.append("  (lost = |written - exact merge| / |exact merge - base|, over all tensors of the kind)")
+    if zero:
+        lines.append(f"  (n/a: the base's {' and '.join(zero)} weights are all zero, as in a freshly initialised model, "
+                     "so the update has no size relative to them; it is merged all the same)")
     if warnings:
         lines.append(f"WARNING: {dtype} loses more than {LOST_WARNING:.0%} of the update of {len(warnings)} kinds "
                      f"({', '.join(warnings)}): merge with --dtype auto (the default) or fp32 to keep it.")
     return "\n".join(lines)
-    if zero:
-        lines.append(f"  (n/a: the base's {' and '.join(zero)} weights are all zero, as in a freshly initialised model, "
-                     "so the update has no size relative to them; it is merged all the same)")
 
 
 __all__ = ["MergeError", "Survival", "merge_checkpoint", "quant_plan", "format_report", "kind_of", "check_output",

@@ -52,12 +52,12 @@ class RunDir:
         self.lock_path = os.path.join(proj_dir, ".lock")
         self.json_path = os.path.join(proj_dir, "run.json")
         self.locked = False
+        self.made = False       # train.py: whether this run made proj_dir (its start line says so)
 
     def lock(self, say=print):
         owner = take_pid_lock(self.lock_path, say=say)
         if owner is not None:
             who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
-        self.made = False       # train.py: whether this run made proj_dir (its start line says so)
             raise ValueError(f"Another run ({who}) is using {self.proj_dir}: wait for it, or choose another "
                              f"--proj_dir (if no run is going on, delete {self.lock_path}).")
         self.locked = True

@@ -43,8 +43,9 @@ def refuse_unservable(sd, meta, source):
     if meta["mode"] == "bat":
         raise ExportError(f"{source} is a bat adapter, whose update W B + B depends on the base weight and has no "
                           "small exact rank, so no LoRA file can hold it: merge it instead (merge.py --format gguf).")
-    states = [k for k in sd if k.endswith("state")]
-    parts = list(meta["train_parts"])
+    # A trained state is a train part ("state", att.time_state) in newer files, a bare tensor in older ones.
+    states = [k for k in sd if k.endswith("time_state")] or (["state"] if "state" in meta["train_parts"] else [])
+    parts = [p for p in meta["train_parts"] if p != "state"]
     if parts or states:
         what = (f"trained {', '.join(parts)} parameters" if parts else "") + (" and " if parts and states else "") \
             + (f"a trained state ({states[0]})" if states else "")

@@ -2,19 +2,26 @@
 official-layout .pth (the base's keys, in the base's order, no adapter keys) that the `rwkv`
 runtime and every other RWKV inference program loads as it loads the base.
 
-    python merge.py --base_model base.pth --adapter out/bone/adapter-0001000.pth --output merged.pth
+    python merge.py --base_model base.pth --adapter out/bone/adapter-0001000.pth \\
+        --output out/bone/adapter-0001000-merged.pth
 
 --format gguf|safetensors|st writes the merged model in that format instead (see export.py).
+Beside the output, OUTPUT.report.txt keeps what the merge printed (the dtype chosen, the table,
+--verify's verdict). train.py's summary and scripts/merge_bone.sh name the output after the
+adapter: adapter-STEP-merged.pth (or .gguf...) beside it.
 """
 import argparse
+import contextlib
+import io
 import os
+import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from src.bone import AdapterError  # noqa: E402
 from src.cli import ArgumentParser, sentence  # noqa: E402
-from src.checkpoint import clean_stale_temporaries, temporary_file  # noqa: E402
+from src.checkpoint import atomic_write, clean_stale_temporaries, temporary_file  # noqa: E402
 from src.config import CheckpointError  # noqa: E402
 from src.export import FORMATS, ExportError, check_choice, check_output, export_model  # noqa: E402
 from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint, quant_plan  # noqa: E402
@@ -55,8 +62,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.format != "pth":
-        return merge_to_format(args)
+    printed = io.StringIO()     # what the merge prints, for <output>.report.txt
+    with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+        ok = merge_to_format(args) if args.format != "pth" else merge_pth(args)
+    write_report(args, argv, printed.getvalue())
+    if not ok:
+        sys.exit(1)     # --verify FAILed: the merged file and its report stay, for a look
+
+
+def merge_pth(args):
     start = time.time()
     try:
         report, dtype, why = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
@@ -66,7 +80,7 @@ def main(argv=None):
         sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     size = os.path.getsize(args.output)
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
-    report_merge(args, report, dtype, why, args.output)
+    return report_merge(args, report, dtype, why, args.output)
 
 
 def report_merge(args, report, dtype, why, merged):
@@ -78,8 +92,8 @@ def report_merge(args, report, dtype, why, merged):
     print(format_report(report, dtype))
     if args.verify:
         from src.verify import verify_merged
-        if not verify_merged(args.base_model, args.adapter, merged, prompt=args.verify_prompt)[2]:
-            sys.exit(1)
+        return verify_merged(args.base_model, args.adapter, merged, prompt=args.verify_prompt)[2]
+    return True
 
 
 def merge_to_format(args):
@@ -100,7 +114,8 @@ def merge_to_format(args):
             report, dtype, why = merge_checkpoint(args.base_model, args.adapter, merged, dtype=args.dtype,
                                                   safe_merge=args.safe_merge, device=args.device, overwrite=True,
                                                   progress=not args.quiet, quant=args.quant)
-            report_merge(args, report, dtype, why, merged)
+            if not report_merge(args, report, dtype, why, merged):
+                sys.exit(1)     # --verify FAILed: nothing is exported
             size, line = export_model(merged, args.format, args.output, overwrite=args.overwrite,
                                       progress=not args.quiet, name=os.path.splitext(os.path.basename(args.output))[0])
         finally:
@@ -109,6 +124,39 @@ def merge_to_format(args):
     except (CheckpointError, AdapterError, MergeError, QuantError, ExportError) as e:
         sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     print(f"wrote {args.output} ({size / 1e6:.1f} MB) in {time.time() - start:.1f}s: {line}")
+    return True
+
+
+def write_report(args, argv, printed):
+    """<output>.report.txt: the command, the checks, and what the merge printed (the plan, the
+    dtype and why, the per-kind table, --verify's verdict); written once the output is, atomically
+    (a refused or failed merge leaves none), replacing an earlier one as the output was."""
+    path = args.output + ".report.txt"
+    command = shlex.join(["python", "merge.py", *map(str, sys.argv[1:] if argv is None else argv)])
+    checks = ("checked before writing: the base (a complete checkpoint, no NaN/Inf), the adapter against it "
+              "(model shape, every tensor's home and shape" + (", no NaN/Inf" if args.safe_merge else "")
+              + "), the output path and the free space" + (" (and every merged tensor finite)" if args.safe_merge else ""))
+    text = (f"merge.py report, {time.strftime('%Y-%m-%d %H:%M:%S')}\n$ {command}\n"
+            f"base: {os.path.abspath(args.base_model)}\nadapter: {os.path.abspath(args.adapter)}\n"
+            f"output: {os.path.abspath(args.output)}\n{checks}\n\n{printed}")
+    clean_stale_temporaries(path, say=lambda m: print(f"merge: {m}", file=sys.stderr))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+class _Tee(io.TextIOBase):
+    """stdout during a merge: the terminal and the report's text."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
 
 
 if __name__ == "__main__":

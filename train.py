@@ -9,6 +9,7 @@ Example (one GPU):
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 
 
@@ -22,7 +23,7 @@ def parse_args(argv=None):
     p = ArgumentParser("train.py", description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")
-    a("--proj_dir", default="out", help="where adapters, the resume point, log.csv and loss.png go")
+    a("--proj_dir", default="out", help="where adapters, the resume point, log.csv, loss.png, run.json and train.log go")
     a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file")
     a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded")
     a("--text_field", default="text", help="jsonl: the field that holds the text")
@@ -92,12 +93,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     made = not os.path.exists(args.proj_dir)
+    console = start_console(argv)   # before any import prints: train.log gets every line
     try:
         check_args(args)
-        with run_directory(args) as run_dir:
+        with run_directory(args, console) as run_dir:
             if run_dir is not None:
                 run_dir.made = made     # the start line says so: no directory is made without a word
-            run(args, run_dir)
+            run(args, run_dir, console)
     except (ValueError, FileNotFoundError) as e:  # our errors are one sentence: no traceback for the user
         if made and os.path.isdir(args.proj_dir) and not os.listdir(args.proj_dir):
             os.rmdir(args.proj_dir)     # refused before any work: leave nothing behind
@@ -109,6 +111,9 @@ def main(argv=None):
             raise
         sys.exit(f"train.py: the disk is full ({getattr(e, 'filename', None) or args.proj_dir}): free some space, then run the same "
                  "command with --resume to continue from the last complete resume point.")
+    finally:
+        if console:
+            console.close()
 
 
 def check_args(args):
@@ -159,7 +164,7 @@ def check_args(args):
                          "(or auto).")
 
 
-def run(args, run_dir):
+def run(args, run_dir, console=None):
     accelerator = resolve_accelerator(args.accelerator)
     import pytorch_lightning as pl
     import torch
@@ -204,6 +209,9 @@ def run(args, run_dir):
               + (f", each sample in pieces of {args.chunk_ctx} tokens" if 0 < args.chunk_ctx < args.ctx_len else ""),
               flush=True)
         check_run(run_dir, args, settings(model, args, bone), total_steps)
+        record_run(run_dir, args, model.config, dataset, val_dataset, total_steps, precision, accelerator)
+        if console:     # the run is accepted: its lines so far, and every later one, go to train.log
+            console.open(os.path.join(args.proj_dir, "train.log"), args.resume)
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps
@@ -245,8 +253,14 @@ def run(args, run_dir):
     if trainer.is_global_zero and log.rows:
         last = saver.last_adapter or (run_adapters(args.proj_dir) or ["(none kept)"])[-1]
         print(f"done: {log.rows[-1]['step']} steps, final loss {float(log.rows[-1]['loss']):.4g}; last adapter {last}\n"
-              f"merge it with: python merge.py --base_model {args.load_model} --adapter {last} "
-              f"--output {last[:-len('.pth')]}-merged.pth", flush=True)
+              f"merge it with: python merge.py --base_model {shlex.quote(args.load_model)} --adapter {shlex.quote(last)} "
+              f"--output {shlex.quote(merged_name(last))}", flush=True)
+
+
+def merged_name(adapter, fmt="pth"):
+    """Where the merge of an adapter goes: beside it, after it (adapter-STEP-merged.pth), as
+    scripts/merge_bone.sh names it (src/training/rundir.py never takes it for an adapter)."""
+    return f"{adapter.removesuffix('.pth')}-merged.{fmt}"
 
 
 def resolve_accelerator(name):
@@ -306,10 +320,10 @@ def check_quant(args):
 
 
 @contextlib.contextmanager
-def run_directory(args):
+def run_directory(args, console=None):
     """The first process locks --proj_dir for the run and prepares it (src/training/rundir.py);
     the processes Lightning starts for the other devices find it ready (and get None)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    if not first_process():
         yield None
         return
     from src.training.rundir import RunDir
@@ -318,8 +332,26 @@ def run_directory(args):
     try:
         run_dir.prepare(args.resume, args.overwrite)
         yield run_dir
+    except BaseException as e:
+        if console:
+            console.stopped(e)
+        raise
     finally:
+        if console:
+            console.close()     # train.log is written under the lock only
         run_dir.unlock()
+
+
+def first_process():
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def start_console(argv):
+    """The first process's console log (src/training/console.py: train.log once the run is accepted)."""
+    if not first_process():
+        return None
+    from src.training.console import ConsoleLog
+    return ConsoleLog(shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)]))
 
 
 def describe(model, args, bone):
@@ -353,6 +385,62 @@ def check_run(run_dir, args, now, total_steps):
             raise ValueError(f"--resume: the run in {args.proj_dir} already finished at step {done}: to train further, "
                              f"raise --epoch_count or --max_steps beyond {done}.")
     run_dir.record(settings=now, total_steps=total_steps)
+
+
+def record_run(run_dir, args, config, dataset, val_dataset, total_steps, precision, accelerator):
+    """run.json's record of the rest: every option of this command, and what the run made of
+    them (steps, the model's sizes, the data, versions). --resume may change options other than
+    the settings check_run compares (the learning rate, the step count...): it says which."""
+    import dataclasses
+    import platform
+    from importlib import metadata
+    from src.training.rundir import differences
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    arguments = vars(args)
+    before = (run_dir.recorded() or {}).get("arguments")
+    if args.resume and before:
+        ignore = ("resume", "overwrite")
+        changed = differences({k: v for k, v in before.items() if k not in ignore},
+                              {k: v for k, v in arguments.items() if k not in ignore})
+        if changed:
+            print(f"--resume: options changed since the run's last command: {'; '.join(changed)}", flush=True)
+    world = args.devices * args.num_nodes
+    resolved = {"total_steps": total_steps,
+                "tokens_per_step": args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * world,
+                "world_size": world, "accelerator": accelerator, "precision": precision,
+                "model": {"file": os.path.abspath(args.load_model), "bytes": os.path.getsize(args.load_model),
+                          "family": config.family, **dataclasses.asdict(config)},
+                "data": data_facts(dataset, args.data_file, args.data_type),
+                "validation": data_facts(val_dataset, args.val_data or args.data_file, args.data_type),
+                "versions": {"python": platform.python_version(), **{name: version(name) for name in (
+                    "torch", "deepspeed", "pytorch-lightning", "numpy")}}}
+    run_dir.record(arguments=arguments, resolved=resolved)
+
+
+def data_facts(dataset, path, data_type):
+    """A dataset (the part this run reads) as run.json records it: file, type, documents, tokens."""
+    if dataset is None:
+        return None
+    if hasattr(dataset, "docs"):        # sft_padded: the documents themselves
+        documents, tokens = len(dataset.docs), sum(len(d) for d in dataset.docs)
+    elif hasattr(dataset.tokens, "sizes"):      # binidx less the held-out documents
+        documents, tokens = len(dataset.tokens.sizes), len(dataset.tokens)
+    else:
+        # The windows' token stream keeps no document bounds: the summary (after the path) counts them.
+        import re
+        text = dataset.summary.removeprefix(f"{data_type} {path}: ")
+        found = re.match(r"([\d,]+) (?:SFT )?documents(?:, (all but )?the ([\d,]+) held out)?", text)
+        n = [int(g.replace(",", "")) if g else None for g in found.group(1, 3)] if found else [None, None]
+        documents = n[0] if n[1] is None else n[0] - n[1] if found.group(2) else n[1]
+        tokens = len(dataset.tokens)
+    return {"file": os.path.abspath(path), "type": data_type, "documents": documents, "tokens": int(tokens),
+            "summary": dataset.summary}
 
 
 def check_logger(name, proj_dir=None):

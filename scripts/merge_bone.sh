@@ -2,10 +2,13 @@
 # Merge a trained adapter into its base model: an official-layout .pth for any RWKV runtime.
 # Override from the environment: BASE=base.pth ADAPTER=adapter.pth OUTPUT=merged.pth
 # sh scripts/merge_bone.sh; extra arguments go to merge.py (--dtype fp32, --verify, --overwrite...).
+# The output is by default named after the adapter, beside it: run/adapter-0000060.pth ->
+# run/adapter-0000060-merged.pth (as train.py's summary says), with merge.py's report beside it
+# (run/adapter-0000060-merged.pth.report.txt).
 # FORMAT=gguf (or safetensors, st) writes the merged model in that format (default pth; see export.py).
 # With no BASE and no ADAPTER it merges the latest adapter of the demo run of scripts/run_bone.sh
-# into out/demo/merged.pth (replacing an earlier demo merge) and verifies it (MODEL_FAMILY=x070:
-# the RWKV-7 demo's, in out/demo-x070). Relative paths are read from where you stand.
+# (out/demo/run/adapter-0000060-merged.pth, replacing an earlier demo merge) and verifies it
+# (MODEL_FAMILY=x070: the RWKV-7 demo's, in out/demo-x070). Relative paths are read from where you stand.
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # A misspelled setting (ADAPTR=...) would be ignored silently: refuse it before any work.
@@ -23,7 +26,6 @@ if [ -z "$BASE" ] && [ -z "$ADAPTER" ]; then
         echo "merge_bone.sh: no adapter in $DEMO/run: run sh scripts/run_bone.sh first, or set BASE and ADAPTER." >&2
         exit 1
     fi
-    OUTPUT=${OUTPUT:-$ROOT/$DEMO/merged.${FORMAT:-pth}}
     set -- --overwrite --verify --verify_prompt "Alice has 3 apples. Bob gives Alice" "$@"
 fi
 : "${BASE:?set BASE to the base model .pth}"

@@ -224,7 +224,7 @@ def test_merge_format_gguf_and_the_script(tmp_path):
     before = snapshot(tmp_path)
     assert run_merge("--base_model", base, "--adapter", adapter, "--output", direct, "--dtype", "fp32",
                      "--format", "gguf", "--quiet") is None
-    assert set(snapshot(tmp_path)) - set(before) == {"direct.gguf"}
+    assert set(snapshot(tmp_path)) - set(before) == {"direct.gguf", "direct.gguf.report.txt"}
     want = gguf_tensors(exported)
     got = gguf_tensors(direct)
     assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
@@ -236,7 +236,8 @@ def test_merge_format_gguf_and_the_script(tmp_path):
     assert "rwkv7" in done.stdout
     script = gguf_tensors(tmp_path / "script.gguf")
     assert all(np.array_equal(script[k], want[k]) for k in want)
-    assert set(snapshot(tmp_path)) - set(before) == {"direct.gguf", "script.gguf"}
+    assert set(snapshot(tmp_path)) - set(before) == {"direct.gguf", "script.gguf", "direct.gguf.report.txt",
+                                                     "script.gguf.report.txt"}
 
 
 SLOW_EXPORT = """

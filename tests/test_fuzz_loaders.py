@@ -259,7 +259,8 @@ RUN_JSON = {"settings": {"base model": "small-0.pth (816,105 bytes)", "adapter m
                          "r": {"blocks.0.att.key": 16, "blocks.1.att.key": 16},
                          "targets": ["blocks.0.att.key", "blocks.1.att.key"], "train parts": [], "lora_alpha": None,
                          "quant": "none"},
-            "total_steps": 16, "resume_step": 8}
+            "total_steps": 16, "resume_step": 8, "arguments": {"lr_init": 0.01, "ctx_len": 32, "resume": False},
+            "resolved": {"total_steps": 16, "data": {"documents": 40, "tokens": 12000}}}
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 2**70) | st.floats() | st.text(max_size=6),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                         max_size=3), max_leaves=6)
@@ -272,7 +273,7 @@ def test_run_json_corruptions(tmp_path):
 
     @fuzz_settings(400)
     @given(field=st.sampled_from(["settings", "total_steps", "resume_step", "other", "settings.r", "settings.quant",
-                                  None]),
+                                  "arguments", "resolved", None]),
            value=json_values, drop=st.booleans(), raw=st.one_of(st.none(), byte_corruption()),
            as_text=st.sampled_from(["json", "not utf-8", "nan"]))
     def case(field, value, drop, raw, as_text):
@@ -296,6 +297,7 @@ def test_run_json_corruptions(tmp_path):
         def load():
             recorded = RunDir(d).recorded()
             differences(recorded["settings"], RUN_JSON["settings"])     # what --resume does with it
+            differences(recorded.get("arguments") or {}, RUN_JSON["arguments"])
         unchanged([path], load)
         assert os.listdir(d) == ["run.json"]
 

@@ -122,7 +122,7 @@ def test_one_run_per_directory(setup, tmp_path):
     run_train(setup, out, "--strategy", "deepspeed_stage_2", "--keep_last", "1")
     assert adapters(out) == ["adapter-0000016.pth"]
     (out / "adapter-0000016-merged.pth").write_bytes(b"the user's merged model")
-    refused(args(setup, out), r"holds an earlier run \(log.csv, loss.png, run.json, resume, 1 adapter files\): "
+    refused(args(setup, out), r"holds an earlier run \(log.csv, loss.png, run.json, train.log, resume, 1 adapter files\): "
                               r"continue it with --resume, choose another --proj_dir, or pass --overwrite", out)
     run_train(setup, out, "--strategy", "deepspeed_stage_2", "--keep_last", "0", "--overwrite", steps=24)
     assert adapters(out) == ["adapter-0000008.pth", "adapter-0000016-merged.pth", "adapter-0000016.pth",
@@ -167,7 +167,7 @@ def test_a_live_lock_refuses_and_a_stale_one_is_removed(setup, tmp_path):
     output = run_train(setup, out, "--strategy", "deepspeed_stage_2", steps=8)
     assert f"removed the stale lock {out}/.lock (pid {dead.pid} is no longer running)" in output
     assert "left by an interrupted run" in output
-    assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "resume", "run.json"]
+    assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "resume", "run.json", "train.log"]
 
 
 def test_two_runs_at_once(setup, tmp_path):
@@ -345,7 +345,7 @@ def test_a_full_disk_is_said_and_leaves_nothing_partial(setup, small_disk):
         output, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
     assert f"train.py: the disk is full ({out}): free some space, then run the same command with --resume" in output
-    assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "run.json"]
+    assert sorted(os.listdir(out)) == ["adapter-0000008.pth", "log.csv", "loss.png", "run.json", "train.log"]
 
 
 # --- the scripts -----------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class LearningRateSchedule(pl.Callback):
 class TrainLog(pl.Callback):
     """The progress line (epoch, step of all steps, loss, lr, tokens/s), a CSV row per step
     (proj_dir/log.csv, rewritten atomically after every step, so an interrupted run's log holds
-    every step up to its resume point) and the loss curve (proj_dir/loss.png) at each epoch end."""
+    every step up to its resume point) and the loss and learning-rate curves (proj_dir/loss.png:
+    loss_figure) at each epoch end."""
 
     def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0, val_losses=None):
         self.val_losses = {} if val_losses is None else val_losses   # step -> loss, filled by Validation
@@ -124,21 +125,35 @@ class TrainLog(pl.Callback):
     def plot(self):
         if not self.rows:
             return
-        import matplotlib
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.plot([int(r["step"]) for r in self.rows], [float(r["loss"]) for r in self.rows], lw=1, label="training")
-        val = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
-        if val:
-            ax.plot(*zip(*val), "o-", lw=1, ms=3, label="validation")
-            ax.legend()
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("training loss")
-        ax.grid(alpha=0.3)
+        fig = loss_figure(self.rows)
         atomic_write(self.png_path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
+
+
+def loss_figure(rows):
+    """loss.png's figure from log.csv's rows: the training (and validation) loss, and the learning
+    rate on a second y axis, so a loss that jumps can be read against the schedule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [int(r["step"]) for r in rows]
+    lines = ax.plot(steps, [float(r["loss"]) for r in rows], lw=1, label="training loss")
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    if val:
+        lines += ax.plot(*zip(*val), "o-", lw=1, ms=3, label="validation loss")
+    lr = ax.twinx()
+    lines += lr.plot(steps, [float(r["lr"]) for r in rows], "--", color="tab:green", lw=1, label="learning rate")
+    lr.set_ylabel("learning rate")
+    lr.set_ylim(bottom=0)
+    lr.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss and learning rate")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def readable_rate(tokens_per_s):

@@ -5,8 +5,10 @@
 - A directory that holds an earlier run is refused unless --resume (continue it) or --overwrite
   (delete the earlier run's files first): otherwise its log, plot and resume point would be
   overwritten and its adapters mixed with the new run's.
-- run.json records what the adapters depend on (base shape, adapter settings, quantization) and
-  the step of the last resume point, so --resume can say what differs, or that the run is done.
+- run.json records what the adapters depend on (base shape, adapter settings, quantization),
+  every option of the command and what they resolved to, and the step of the last resume point,
+  so --resume can say what differs, or that the run is done.
+- train.log (src/training/console.py) is appended to by the process that holds the lock only.
 - Temporaries of a killed run (.tmp-* files, .resume-tmp) are removed at the start.
 """
 import json
@@ -18,13 +20,16 @@ from ..checkpoint import atomic_write, clean_stale_temporaries, release_pid_lock
 from ..validate import check_fields, is_int, show
 
 ADAPTER_NAME = re.compile(r"adapter-(\d{7})\.pth$")     # not adapter-STEP-merged.pth beside them
-RUN_FILES = ("log.csv", "loss.png", "run.json", "resume", "resume.old")
+RUN_FILES = ("log.csv", "loss.png", "run.json", "train.log", "resume", "resume.old")
 # run.json's fields: (required, what it must be, test); train.py writes settings and total_steps
-# first, resume_step at each resume point.
+# first (what --resume compares), then arguments (every option) and resolved (steps, model, data,
+# versions), resume_step at each resume point. Runs of older versions lack the optional ones.
 RUN_SCHEMA = {
     "settings": (True, "a dict of the run's settings", lambda v: isinstance(v, dict)),
     "total_steps": (True, "a positive whole number", lambda v: is_int(v, 1)),
     "resume_step": (False, "a whole number of steps", lambda v: is_int(v, 0)),
+    "arguments": (False, "a dict of the command's options", lambda v: isinstance(v, dict)),
+    "resolved": (False, "a dict of what the run resolved", lambda v: isinstance(v, dict)),
 }
 
 

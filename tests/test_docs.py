@@ -30,3 +30,15 @@ def test_readme_documents_every_option(script):
     assert len(options) >= 6  # export.py has 6; the others more
     missing = sorted(o for o in options if f"`{o}`" not in readme)
     assert not missing, f"{script} options docs/options.md does not document: {missing}"
+
+
+def test_every_setting_of_the_scripts_is_documented():
+    """Each environment variable run_bone.sh and merge_bone.sh read has a row or a mention in docs/options.md."""
+    with open(os.path.join(ROOT, "docs", "options.md"), encoding="utf-8") as f:
+        options = f.read()
+    missing = []
+    for script in ("run_bone.sh", "merge_bone.sh"):
+        with open(os.path.join(ROOT, "scripts", script), encoding="utf-8") as f:
+            names = set(re.findall(r"\$\{([A-Z_]+):[-+?]", f.read()))
+        missing += [f"{script}: {n}" for n in sorted(names) if f"`{n}`" not in options]
+    assert not missing, f"settings docs/options.md does not document: {missing}"

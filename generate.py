@@ -45,6 +45,9 @@ def parse_args(argv=None):
     a("--device", default="auto", help="cpu | cuda | auto (cuda when there is a GPU)")
     a("--op", default="auto", help="WKV (WKV6 or WKV7, by the model's family) implementation: auto | cuda | cpu")
     a("--dtype", default="auto", help="fp32 | bf16 | fp16 | auto (bf16 on a GPU, fp32 on the CPU)")
+    a("--allow_other_base", action="store_true", help="apply --adapter even when --model is not the base it records "
+                                                      "(another model, or this adapter already merged): by default "
+                                                      "that is refused")
     return p.parse_args(argv)
 
 
@@ -99,10 +102,18 @@ def run(args):
 
     if args.op == "cuda" and device != "cuda":
         raise ValueError("--op cuda runs on a GPU: add --device cuda, or use --op cpu.")
-    vocab = load_checkpoint(args.model)[1].vocab_size     # memory-mapped: a quick look before loading
+    base_sd, config = load_checkpoint(args.model)     # memory-mapped: a quick look before loading
+    vocab = config.vocab_size
     if vocab != WORLD_VOCAB:
         raise ValueError(f"{args.model} has a vocabulary of {vocab} ids, not the World tokenizer's {WORLD_VOCAB}: "
                          "generate.py writes text for World models only.")
+    if args.adapter is not None:
+        # The file's tensors as stored, not the model's (--dtype may round them).
+        from src.bone import check_base
+        note = check_base(args.adapter, base_sd, config, args.model, args.allow_other_base)
+        if note:
+            print(f"generate.py: {note}", file=sys.stderr)
+    del base_sd
 
     model = load_model(args.model, args.adapter, DTYPES[dtype], args.op, device)
     generator = torch.Generator()

@@ -46,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--quant", choices=QUANT_TYPES, default="none",
                    help="none (default): merge into the base as stored; nf4, fp4 or int8: first round the base through "
                         "that quantization (in fp32), to reproduce the base a train.py --quant run trained against")
+    p.add_argument("--allow_other_base", action="store_true",
+                   help="merge even when --base_model is not the base the adapter records (another model, or this "
+                        "adapter already merged): by default that is refused")
     p.add_argument("--format", default="pth", help=f"pth (default): an official-layout .pth; or {', '.join(FORMATS)}: "
                    "the merged model written as export.py writes it (the merge goes through a temporary .pth beside "
                    "the output, removed afterwards)")
@@ -75,7 +78,7 @@ def merge_pth(args):
     try:
         report, dtype, why = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
                                   safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
-                                  progress=not args.quiet, quant=args.quant)
+                                  progress=not args.quiet, quant=args.quant, allow_other_base=args.allow_other_base)
     except (CheckpointError, AdapterError, MergeError, QuantError) as e:
         sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     size = os.path.getsize(args.output)
@@ -113,7 +116,8 @@ def merge_to_format(args):
         try:
             report, dtype, why = merge_checkpoint(args.base_model, args.adapter, merged, dtype=args.dtype,
                                                   safe_merge=args.safe_merge, device=args.device, overwrite=True,
-                                                  progress=not args.quiet, quant=args.quant)
+                                                  progress=not args.quiet, quant=args.quant,
+                                                  allow_other_base=args.allow_other_base)
             if not report_merge(args, report, dtype, why, merged):
                 sys.exit(1)     # --verify FAILed: nothing is exported
             size, line = export_model(merged, args.format, args.output, overwrite=args.overwrite,

@@ -71,6 +71,8 @@ def parse_args(argv=None):
     a("--bone_mini_r", type=int, default=None, help="--bone_mode mini: the bone tensor is [r, mini_r], tiled along "
                                                     "the outputs (mini_r must divide every adapted output size)")
     a("--bone_load", default=None, help="start from this saved adapter")
+    a("--allow_other_base", action="store_true", help="--bone_load even when --load_model is not the base the adapter "
+                                                      "records (another model, or this adapter already merged)")
     a("--lora_r", type=int, default=8, help="--peft lora: rank")
     a("--lora_alpha", type=float, default=16.0, help="--peft lora: scaling is alpha / r")
     a("--target_modules", default=None, help="comma-separated; default all projections (8 in RWKV-6, 6 in RWKV-7)")
@@ -155,6 +157,7 @@ def check_args(args):
     from src.training.strategy import make_strategy
     make_strategy(args.strategy, accelerator)      # refuses an unknown strategy now
     check_quant(args)
+    check_bone_load(args)
     check_logger(args.logger, args.proj_dir)
     from src.training.validation import check_args as check_validation
     check_validation(args)
@@ -317,6 +320,23 @@ def check_quant(args):
             raise ValueError(f"--quant {args.quant} holds the frozen base quantized under adapters, but --peft none "
                              "trains the base weights themselves: use --peft bone (or lora), or drop --quant.")
         bnb_functional()    # bitsandbytes missing or too old: one sentence now, not after loading the model
+
+
+def check_bone_load(args):
+    """The adapter apply_peft will load (--bone_load, or the older JSON's bone_load) must record
+    --load_model as its base (src/bone/base_hash.py), checked on the file before anything is loaded."""
+    from src import bone
+    if args.peft == "none":
+        return
+    load = args.bone_load if args.peft == "bone" and args.bone_load is not None else (
+        bone.BoneConfig.from_json(args.bone_config).load if args.bone_config else None)
+    if not load:
+        return
+    from src.checkpoint import load_checkpoint
+    base_sd, config = load_checkpoint(args.load_model)
+    note = bone.check_base(load, base_sd, config, args.load_model, args.allow_other_base)
+    if note and os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        print(f"train.py: {note}", file=sys.stderr)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bone import AdapterError, merged_exact, plan_merge, read_adapter, train_part_of
+from .bone import AdapterError, check_base, merged_exact, plan_merge, read_adapter, train_part_of
 from .checkpoint import (DTYPES, check_finite, clean_stale_temporaries, load_checkpoint, output_directory,
                          release_pages, stream_checkpoint, trim_heap)
 from .quant import bnb_functional, check_quant, rounded
@@ -197,11 +197,12 @@ def choose_dtype(base_sd, plan, mode, round_keys, quant, dev):
 
 
 def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, device="cpu", overwrite=False,
-                     progress=True, quant="none"):
+                     progress=True, quant="none", allow_other_base=False):
     """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
     official-layout result to `output`, atomically. dtype: "auto" (choose_dtype), "same" (each
     tensor keeps the base's dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
-    base is rounded through first (see quant_plan). Returns ({kind: Survival} in base order, the
+    base is rounded through first (see quant_plan). A base that is not the one the adapter records
+    (bone.check_base) is refused unless allow_other_base. Returns ({kind: Survival} in base order, the
     dtype written, why that one: a line or None when asked for). Raises
     CheckpointError, AdapterError or MergeError (one sentence) before anything is written when an
     input is bad; a failure while writing leaves no output behind (nor changes an old one)."""
@@ -211,6 +212,9 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
     clean_stale_temporaries(output, say=lambda m: print(f"merge: {m}", file=sys.stderr))
     base_sd, config = load_checkpoint(base, mmap=True)
     mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
+    note = check_base(adapter, base_sd, config, base, allow_other_base)
+    if note:
+        print(f"merge: {note}", file=sys.stderr)
     round_keys = set(quant_plan(adapter, quant)[0])
     if round_keys:
         bnb_functional()       # refuses a missing or old bitsandbytes before anything is written

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from src.bone import BoneConfig, apply_adapters, load_adapter, plan_merge, read_adapter, save_adapter
+from src.bone import BoneConfig, apply_adapters, check_base, load_adapter, plan_merge, read_adapter, save_adapter
 from src.bone.config import AdapterError
 from src.config import CheckpointError
 from src.data import BinIdx, DataError, make_dataset, write_binidx
@@ -145,7 +145,7 @@ def structural_change():
     """A change to an adapter state dict: a metadata field set, removed or added; a tensor
     replaced, removed, renamed or given NaN; the whole metadata or a tensor swapped for another kind."""
     meta_fields = st.sampled_from(["format", "version", "mode", "r", "targets", "train_parts", "lora_alpha",
-                                   "fingerprint", "quant", "quantized", "extra"])
+                                   "fingerprint", "quant", "quantized", "base_weights", "extra"])
     return st.one_of(
         st.tuples(st.just("set"), meta_fields, values),
         st.tuples(st.just("delete"), meta_fields, st.none()),
@@ -208,6 +208,7 @@ def exercise_adapter(base, shapes, path):
     read = outcome(lambda: read_adapter(path))
     fingerprint = base.config.fingerprint()
     outcome(lambda: plan_merge(shapes, fingerprint, path))
+    outcome(lambda: check_base(path, base.state_dict(), base.config, "the base"))
     model = copy.deepcopy(base)
     loaded = outcome(lambda: load_adapter(model, path))
     if loaded is not None:

@@ -16,12 +16,15 @@ import torch
 
 from ..checkpoint import atomic_save, load_state_dict
 from ..validate import check_fields, is_int, is_number, is_str_list, non_finite, show
+from .base_hash import SCHEME, looks_merged, official_tensors, weights_hash
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
 from .functional import adapter_shapes
 from .state import _attach, _build_layers, _state, adapter_layers
 
 META_KEY = "__bone_meta__"
 FILE_FORMAT = "rwkv6-adapter"
+# The format field names the family; RWKV-7 files written before it did say rwkv6-adapter and still load.
+FILE_FORMATS = {"x060": FILE_FORMAT, "x070": "rwkv7-adapter"}
 FILE_VERSION = 1
 
 
@@ -53,13 +56,16 @@ def adapter_meta(model):
     base's shape (fingerprint) and the quantization of the base."""
     state, layers = _state(model), adapter_layers(model)
     quant = getattr(model, "_base_quant", None) or {"type": "none", "keys": []}   # set by src/quant.py
+    base = getattr(state, "base_weights", None)
     return {
-        "format": FILE_FORMAT, "version": FILE_VERSION, "mode": state.mode,
+        "format": FILE_FORMATS.get((_fingerprint(model) or {}).get("family", "x060"), FILE_FORMAT),
+        "version": FILE_VERSION, "mode": state.mode,
         "r": {name: layer.r for name, layer in layers.items()},
         "targets": list(layers), "train_parts": list(state.train_parts),
         "lora_alpha": state.lora_alpha, "fingerprint": _fingerprint(model),
         "quant": quant["type"], "quantized": list(quant["keys"]),
         **({"mini_r": next(iter(layers.values())).mini_r} if state.mode == "mini" else {}),
+        **({"base_weights": base} if base is not None else {}),
     }
 
 
@@ -80,10 +86,22 @@ def _is_fingerprint(v):
         isinstance(k, str) and (is_int(x, 1) or isinstance(x, str)) for k, x in v.items()))
 
 
-# Every field of __bone_meta__: (required, what it must be, test). quant and quantized came later:
-# files written before have neither, and read as quant none.
+def _is_base_weights(v):
+    """base_hash.base_record's form: scheme, sha256 and {module: [[row, column, [numbers]], ...]}."""
+    def segment(s):
+        return (isinstance(s, list) and len(s) == 3 and is_int(s[0], 0) and is_int(s[1], 0) and isinstance(s[2], list)
+                and bool(s[2]) and all(is_number(x) for x in s[2]))
+    return (isinstance(v, dict) and set(v) == {"scheme", "sha256", "probe"} and isinstance(v["scheme"], str)
+            and isinstance(v["sha256"], str) and isinstance(v["probe"], dict)
+            and all(isinstance(k, str) and isinstance(s, list) and all(map(segment, s)) for k, s in v["probe"].items()))
+
+
+FORMAT_NAMES = tuple(FILE_FORMATS.values())
+
+# Every field of __bone_meta__: (required, what it must be, test). quant, quantized and base_weights
+# came later: files written before have none of them (quant none; the base cannot be checked).
 META_SCHEMA = {
-    "format": (True, f"the string {FILE_FORMAT!r}", lambda v: v == FILE_FORMAT),
+    "format": (True, f"one of {', '.join(FORMAT_NAMES)}", lambda v: v in FORMAT_NAMES),
     "version": (True, "a whole number", lambda v: is_int(v, 0)),
     "mode": (True, f"one of {', '.join(MODES)}", lambda v: isinstance(v, str) and v in MODES),
     "r": (True, "a dict of module name -> r", _is_ranks),
@@ -94,6 +112,7 @@ META_SCHEMA = {
     "quant": (False, f"one of {', '.join(QUANT_NAMES)}", lambda v: isinstance(v, str) and v in QUANT_NAMES),
     "quantized": (False, "a list of weight names", is_str_list),
     "mini_r": (False, "a positive integer (mode mini)", lambda v: is_int(v, 1)),
+    "base_weights": (False, "a fingerprint of the base's weights", _is_base_weights),
 }
 
 
@@ -101,7 +120,7 @@ def _read_meta(meta, source):
     """The metadata of one of this project's adapter files, every field checked by type and shape
     (one sentence naming the file and the field otherwise), the later fields filled in."""
     where = f"{source} has adapter metadata"
-    if not isinstance(meta, dict) or meta.get("format") != FILE_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in FORMAT_NAMES:
         raise AdapterError(f"{source} has a {META_KEY} entry that is not this project's adapter metadata.")
     if is_int(meta.get("version")) and meta["version"] > FILE_VERSION:
         raise AdapterError(f"{source} is adapter format version {meta['version']}; this code reads up to "
@@ -118,6 +137,10 @@ def _read_meta(meta, source):
         raise AdapterError(f"{where} that names no adapter and no train part: the file holds nothing to load.")
     if meta.get("quant", "none") == "none" and meta.get("quantized"):
         raise AdapterError(f"{where} listing quantized weights under quant none: the file is damaged.")
+    family = None if meta["fingerprint"] is None else meta["fingerprint"].get("family", "x060")
+    if meta["format"] == FILE_FORMATS["x070"] and family not in (None, "x070"):
+        raise AdapterError(f"{where} whose format {meta['format']!r} names RWKV-7 but whose fingerprint is of an "
+                           f"{family} model: the file is damaged.")
     if (meta["mode"] == "mini") != ("mini_r" in meta):
         raise AdapterError(f"{where} {'without' if meta['mode'] == 'mini' else 'with'} mini_r for mode "
                            f"{meta['mode']}: the file is damaged.")
@@ -303,3 +326,27 @@ def plan_merge(base_shapes, fingerprint, path_or_state_dict):
     if missing:
         raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
     return mode, OrderedDict((k, changes[k]) for k in base_shapes if k in changes)
+
+def check_base(adapter, base_sd, config, base_name, allow_other_base=False):
+    """Whether base_sd ({official key: tensor} as its file stores them, such as load_checkpoint's;
+    config: its config) is the base `adapter` (a path or state dict) was trained on, by the fingerprint of its weights
+    the file records (base_hash). Another base is refused with one sentence (AdapterError), which
+    says so when it looks like this adapter already merged; with allow_other_base it is a note.
+    Returns a note to print (also for a file that records no fingerprint) or None. The adapter
+    is checked against the base's shapes first, as plan_merge does."""
+    mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
+    meta, source = read_adapter(adapter, mmap=True)[1:]
+    record = meta.get("base_weights")
+    if record is None or record["scheme"] != SCHEME:
+        return f"note: {source} records no base fingerprint: cannot check that {base_name} is the base it was trained on."
+    if weights_hash(official_tensors(base_sd, config), meta["train_parts"]) == record["sha256"]:
+        return None
+    if looks_merged(record["probe"], base_sd, plan, mode):
+        what, fix = (f"{base_name} looks like {source} already merged into its base (its weights are the recorded base's "
+                     "plus this adapter's update)", "give the original base model")
+    else:
+        what, fix = (f"{base_name} is not the base model {source} was trained on (its weights differ from the "
+                     "fingerprint the adapter records)", "give that base")
+    if allow_other_base:
+        return f"note: {what}; applying the adapter to it anyway, as --allow_other_base asks."
+    raise AdapterError(f"{what}: {fix}, or pass --allow_other_base to apply the adapter to it anyway.")

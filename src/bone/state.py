@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import torch.nn as nn
 
+from .base_hash import base_record, official_tensors
 from .config import AdapterError, train_part_of
 from .layers import LAYERS, AdapterLinear
 
@@ -14,9 +15,10 @@ class _AdapterState:
     """Kept on the model as model._bone_adapters: what was applied, and the requires_grad flags
     from before, which unload/merge_and_unload put back."""
 
-    def __init__(self, mode, train_parts, lora_alpha, requires_grad):
+    def __init__(self, mode, train_parts, lora_alpha, requires_grad, base_weights=None):
         self.mode, self.train_parts, self.lora_alpha = mode, list(train_parts), lora_alpha
         self.requires_grad = requires_grad
+        self.base_weights = base_weights    # base_hash.base_record of the base as it was when applied
 
 
 def adapter_layers(model):
@@ -53,6 +55,10 @@ def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None, mini_r
 
 def _attach(model, layers, mode, train_parts, lora_alpha):
     flags = OrderedDict((n, p.requires_grad) for n, p in model.named_parameters())
+    # The base's fingerprint now, before src/quant.py may hold it quantized; none for a base that already is.
+    base = None if getattr(model, "_base_quant", None) else base_record(
+        official_tensors(dict(model.named_parameters()), getattr(model, "config", None)),
+        {name: layer.r for name, layer in layers.items()}, train_parts)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     model.requires_grad_(False)
@@ -62,4 +68,4 @@ def _attach(model, layers, mode, train_parts, lora_alpha):
     for layer in layers.values():
         for p in layer.adapter_tensors().values():
             p.requires_grad_(True)
-    model._bone_adapters = _AdapterState(mode, train_parts, lora_alpha, flags)
+    model._bone_adapters = _AdapterState(mode, train_parts, lora_alpha, flags, base)

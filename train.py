@@ -47,8 +47,13 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the run in --proj_dir from its resume point")
     a("--overwrite", action="store_true", help="start anew in a --proj_dir that holds an earlier run, deleting "
                                                "its adapters, log and resume point first")
-    a("--lr_init", type=float, default=2e-5, help="learning rate after warmup")
-    a("--lr_final", type=float, default=2e-5, help="learning rate at the end")
+    a("--lr_init", type=float, default=None, help="learning rate after warmup (default 2e-5; --peft state alone: 1.0, "
+                                                  "a state's scale)")
+    a("--lr_final", type=float, default=None, help="learning rate at the end (default 2e-5; --peft state alone "
+                                                   "without --lr_init: 0.01)")
+    a("--lr_state", type=float, default=None, help="learning rate of the trained initial state (train part state) "
+                                                   "beside adapters, on the same schedule (default 1.0; --peft state "
+                                                   "alone: --lr_init)")
     a("--lr_schedule", default="cosine", help="constant | exponential | cosine (decay from lr_init to lr_final)")
     a("--warmup_steps", type=int, default=0, help="linear warmup from lr_init/100")
     a("--beta1", type=float, default=0.9, help="Adam beta1")
@@ -64,7 +69,8 @@ def parse_args(argv=None):
     a("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (bf16 on GPU, fp32 on CPU)")
     a("--strategy", default="deepspeed_stage_1", help="deepspeed_stage_1 | _2 | _2_offload | _3 | _3_offload | ddp | auto")
     a("--op", default="auto", help="WKV (WKV6 or WKV7) implementation: auto | cuda | cpu")
-    a("--peft", default="bone", help="bone | lora | none (none: only --train_parts train, no adapter)")
+    a("--peft", default="bone", help="bone | lora | state | none (state: state tuning, each layer's initial WKV "
+                                     "state and nothing else, every weight frozen; none: only --train_parts train, no adapter)")
     a("--bone_config", default=None, help='older JSON form: \'{"bone_mode": "bone", "bone_r": 64, "bone_load": ""}\'')
     a("--bone_r", type=int, default=None, help="Bone block size r (default 64)")
     a("--bone_mode", default=None, help="bone | bat | mini (PEFT's MiSS mini: needs --bone_mini_r)")
@@ -76,7 +82,8 @@ def parse_args(argv=None):
     a("--lora_r", type=int, default=8, help="--peft lora: rank")
     a("--lora_alpha", type=float, default=16.0, help="--peft lora: scaling is alpha / r")
     a("--target_modules", default=None, help="comma-separated; default all projections (8 in RWKV-6, 6 in RWKV-7)")
-    a("--train_parts", default="", help="comma-separated base parts that also train: time, ln, emb, head")
+    a("--train_parts", default="", help="comma-separated base parts that also train: time, ln, emb, head, state "
+                                        "(state: each layer's initial WKV state, beside the adapters)")
     a("--quant", default="none", help="none | nf4 | fp4 | int8: hold the frozen base quantized (bitsandbytes), "
                                       "dequantized per use; the adapters train in full precision on top")
     a("--seed", type=int, default=42, help="seed for the adapters' init and the data sampling")
@@ -120,6 +127,7 @@ def main(argv=None):
 
 def check_args(args):
     """Every check that needs no model, before anything is loaded: one sentence each."""
+    check_state_args(args)
     for flag, value, least in (("--devices", args.devices, 1), ("--num_nodes", args.num_nodes, 1),
                                ("--micro_bsz", args.micro_bsz, 1), ("--ctx_len", args.ctx_len, 2),
                                ("--accumulate_grad_batches", args.accumulate_grad_batches, 1),
@@ -219,6 +227,7 @@ def run(args, run_dir, console=None):
 
     step_offset = args.epoch_begin * args.epoch_steps
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
+                           state_lr_scale=args.lr_state / args.lr_init,
                            weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"),
                            chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
     world = args.devices * args.num_nodes
@@ -287,6 +296,9 @@ def apply_peft(model, args, bone):
     """Adapters from the first-class flags, over the older --bone_config JSON; or, with
     --peft none, only the --train_parts train."""
     parts = [p for p in args.train_parts.split(",") if p]
+    if args.peft == "state":     # state tuning: no adapter layer, the states (and any other --train_parts) train
+        config = {"target_modules": [], "train_parts": parts + ["state"], "load": args.bone_load}
+        return bone.apply_adapters(model, bone.BoneConfig.from_dict(config))
     if args.peft == "none":
         for name, p in model.named_parameters():
             p.requires_grad_(bone.train_part_of(name) in parts)
@@ -294,7 +306,7 @@ def apply_peft(model, args, bone):
             raise ValueError("--peft none with no --train_parts leaves nothing to train.")
         return bone.print_trainable_parameters(model)
     if args.peft not in ("bone", "lora"):
-        raise ValueError(f"Unknown --peft {args.peft!r}: choose bone, lora or none.")
+        raise ValueError(f"Unknown --peft {args.peft!r}: choose bone, lora, state or none.")
     config = bone.BoneConfig.from_json(args.bone_config).to_dict() if args.bone_config else {}
     if args.peft == "lora":
         config.update(mode="lora", r=args.lora_r, lora_alpha=args.lora_alpha)
@@ -313,6 +325,48 @@ def apply_peft(model, args, bone):
                              f"{layer.in_features}.")
 
 
+ADAPTER_FLAGS = (("--bone_r", "bone_r", None), ("--bone_mode", "bone_mode", None), ("--bone_mini_r", "bone_mini_r", None),
+                 ("--bone_config", "bone_config", None), ("--target_modules", "target_modules", None),
+                 ("--lora_r", "lora_r", 8), ("--lora_alpha", "lora_alpha", 16.0))
+LR_DEFAULTED = []   # the learning-rate flags check_state_args filled in, for the start-of-run line
+
+
+def check_state_args(args):
+    """--peft state takes no adapter flag; the learning rates' defaults depend on what trains: a
+    state wants a step of about 1 (its values are O(1), the older repository's state tuning runs
+    at 1 -> 0.01), an adapter about 2e-5."""
+    parts = [p for p in args.train_parts.split(",") if p]
+    if args.peft == "state":
+        given = [flag for flag, name, default in ADAPTER_FLAGS if getattr(args, name) != default]
+        if given:
+            raise ValueError(f"--peft state trains only each layer's initial state, but {given[0]} sets up an adapter: "
+                             "drop it, or use --peft bone (or lora) --train_parts state to train both.")
+        if "state" in parts:
+            raise ValueError("--peft state already trains the state: drop state from --train_parts.")
+    alone = args.peft == "state" and not parts
+    LR_DEFAULTED[:] = [f for f, v in (("--lr_init", args.lr_init), ("--lr_final", args.lr_final),
+                                      ("--lr_state", args.lr_state)) if v is None]
+    if args.lr_init is None:
+        args.lr_init, args.lr_final = (1.0, 0.01 if args.lr_final is None else args.lr_final) if alone else (2e-5, args.lr_final)
+    if args.lr_final is None:
+        args.lr_final = 2e-5
+    if args.lr_state is None:
+        args.lr_state = args.lr_init if alone else 1.0
+    if not args.lr_state > 0:
+        raise ValueError(f"--lr_state {args.lr_state} must be a positive number (for example --lr_state 1).")
+
+
+def lr_line(args):
+    """How the state's learning rate was chosen, said at the start of the run."""
+    alone = args.peft == "state" and not [p for p in args.train_parts.split(",") if p]
+    if alone:
+        lr = f"lr {args.lr_init:g} -> {args.lr_final:g}"
+        return lr + (" (state tuning's default: a state learns at about 1, not an adapter's 2e-5)"
+                     if "--lr_init" in LR_DEFAULTED else "")
+    return (f"the state at lr {args.lr_state:g}, the rest at {args.lr_init:g}, on one schedule"
+            + (" (--lr_state's default)" if "--lr_state" in LR_DEFAULTED else ""))
+
+
 def check_quant(args):
     from src.quant import bnb_functional, check_quant as known
     if known(args.quant) != "none":
@@ -328,7 +382,7 @@ def check_bone_load(args):
     from src import bone
     if args.peft == "none":
         return
-    load = args.bone_load if args.peft == "bone" and args.bone_load is not None else (
+    load = args.bone_load if args.peft in ("bone", "state") and args.bone_load is not None else (
         bone.BoneConfig.from_json(args.bone_config).load if args.bone_config else None)
     if not load:
         return
@@ -380,6 +434,10 @@ def describe(model, args, bone):
     rs = sorted(set(meta["r"].values()))
     what = f"{meta['mode']} r={'/'.join(map(str, rs))} on {', '.join(kinds)}" if kinds else "no adapter"
     parts = f", training {', '.join(meta['train_parts'])}" if meta["train_parts"] else ""
+    if "state" in meta["train_parts"]:     # state tuning: each layer's initial WKV state; its learning rate
+        what = what if kinds else "state tuning (each layer's initial WKV state; every weight frozen)"
+        others = [p for p in meta["train_parts"] if p != "state"]
+        parts = (f", training {', '.join(others)}" if others else "") + f"; {lr_line(args)}"
     return what + parts + (f", base held {args.quant}" if args.quant != "none" else "")
 
 

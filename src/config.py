@@ -186,6 +186,9 @@ def read_config(sd, source="the checkpoint"):
     _check_dict(sd, source)
     if _is_adapter_file(sd):
         raise AdapterFileError(source)
+    if is_state_file(sd):
+        raise CheckpointError(f"{source} is a state file (initial states only), not a model: give the base model, "
+                              "and the state file as generate.py's --state.")
     return family_of(sd, source).from_state_dict(sd, source)
 
 
@@ -232,6 +235,26 @@ def _require(sd, source, title, needed):
         raise CheckpointError(f"{source} lacks {', '.join(missing)}: it is not an {title} checkpoint.")
 
 
+def _check_states(config, sd, source):
+    """Every layer's blocks.{i}.att.time_state, each [H, N, N], or none."""
+    shape = (config.n_head, config.head_size, config.head_size)
+    for i in range(config.n_layer):
+        k = f"blocks.{i}.att.time_state"
+        if k not in sd:
+            raise CheckpointError(f"{source} holds initial states (time_state) for some layers but lacks {k}: "
+                                  "a state needs every layer.")
+        if tuple(sd[k].shape) != shape:
+            raise CheckpointError(f"{source} has {k} of shape {list(sd[k].shape)}, but this model's heads need "
+                                  f"{list(shape)}.")
+
+
+def is_state_file(sd):
+    """A state file (state tuning): only blocks.{i}.att.time_state tensors, as the older repository
+    and RWKV-Runner keep them."""
+    return isinstance(sd, dict) and bool(sd) and all(
+        isinstance(k, str) and k.startswith("blocks.") and k.endswith(".att.time_state") for k in sd)
+
+
 def _count_layers(sd, source):
     layers = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.endswith(".ln1.weight")}
     if layers != set(range(len(layers))):
@@ -247,6 +270,11 @@ def _check_layout(config, sd, source):
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{source} lacks {', '.join(missing[:3])}{more}: it is not a complete {title} checkpoint.")
     extra = [k for k in sd if k not in expected]
+    states = [f"blocks.{i}.att.time_state" for i in range(config.n_layer)]
+    if any(k in states for k in extra):
+        # A merged RWKV-6 state tune carries every layer's initial WKV state, as the rwkv package reads it.
+        _check_states(config, sd, source)
+        extra = [k for k in extra if k not in states]
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         raise CheckpointError(f"{source} has unexpected keys {', '.join(extra[:3])}{more}: "

@@ -22,6 +22,42 @@ def token_shift(x, prev):
     return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1) - x
 
 
+def initial_wkv_state(att, wkv_state, batch_size, key_first):
+    """The WKV state a layer starts from: the one carried in (wkv_state), else the layer's trained
+    initial state att.time_state (state tuning) expanded over the batch, else None (zeros).
+    time_state is [H, value index, key index] as the ecosystem stores it (the older repository,
+    RWKV-Runner); RWKV-6's operator holds [key, value], so it is transposed there, as the `rwkv`
+    package does on load."""
+    s = getattr(att, "time_state", None)
+    if wkv_state is not None or s is None:
+        return wkv_state
+    s = s.to(torch.promote_types(s.dtype, torch.float32))     # fp32 (float64 in a float64 model)
+    s = s.transpose(-1, -2) if key_first else s
+    return s.unsqueeze(0).expand(batch_size, -1, -1, -1).contiguous()
+
+
+STATE_KEY = "time_state"    # blocks.{i}.att.time_state, the trained initial WKV state
+
+
+def new_time_states(model):
+    """{blocks.{i}.att.time_state: a zero fp32 Parameter [H, N, N]} for each layer that has none, not yet attached."""
+    cfg, device = model.config, model.ln_out.weight.device
+    return {f"blocks.{i}.att.{STATE_KEY}": nn.Parameter(torch.zeros(cfg.n_head, cfg.head_size, cfg.head_size, device=device))
+            for i, block in enumerate(model.blocks) if getattr(block.att, STATE_KEY, None) is None}
+
+
+def add_time_state(model, states=None):
+    """Give every layer's att a time_state Parameter (new_time_states', or those given) where it has none."""
+    for key, p in (new_time_states(model) if states is None else states).items():
+        setattr(model.get_submodule(key.rsplit(".", 1)[0]), STATE_KEY, p)
+
+
+def remove_time_state(model):
+    for block in model.blocks:
+        if getattr(block.att, STATE_KEY, None) is not None:
+            del block.att.time_state
+
+
 class TimeMix(nn.Module):
     def __init__(self, cfg: RWKV6Config, layer_id):
         super().__init__()
@@ -49,6 +85,7 @@ class TimeMix(nn.Module):
     def forward(self, x, v_first, shift, wkv_state, op):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        wkv_state = initial_wkv_state(self, wkv_state, B, key_first=True)
         xx = token_shift(x, shift)
         xxx = x + xx * self.time_maa_x
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
@@ -147,6 +184,10 @@ class RWKV(nn.Module):
                                   "load it with src.family.load_model.")
         with torch.device("meta"):
             model = cls(cfg, **kwargs)
+        states = [k for k in sd if k.endswith(f".att.{STATE_KEY}")]
+        if states:      # a file with its initial states inside (a merged RWKV-6 state tune): kept in fp32
+            add_time_state(model)
+            sd = {k: v.float() if k in states else v for k, v in sd.items()}
         model.load_state_dict(sd, assign=True)
         return model
 
@@ -170,8 +211,8 @@ class RWKV(nn.Module):
     def hidden(self, idx, state=None):
         """idx: [B, T] token ids. Returns (ln_out of the last block's output [B, T, C], new state):
         everything but the head."""
-        if state is None:
-            state = self.empty_state(idx.shape[0])
+        if state is None:    # a sequence's start: its WKV state is each layer's time_state, or zeros
+            state = [(a, None, f) for a, _, f in self.empty_state(idx.shape[0])]
         x = self.emb(idx)
         v_first = None
         new_state = []

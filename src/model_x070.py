@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RWKV7Config
-from .model import RWKV, Block, token_shift
+from .model import RWKV, Block, initial_wkv_state, token_shift
 from .ops import wkv7
 
 
@@ -49,6 +49,7 @@ class TimeMix7(nn.Module):
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
+        wkv_state = initial_wkv_state(self, wkv_state, B, key_first=False)   # the operator's layout is the file's
         xx = token_shift(x, shift)
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 

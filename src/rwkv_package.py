@@ -16,15 +16,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_rwkv_package(path, family, ids, n_tokens=0):
+def run_rwkv_package(path, family, ids, n_tokens=0, initial_state=None):
     """{"logits": [T, V] fp32 of every prompt position, "state": the package's state list after
-    the prompt, "continuation": n_tokens greedy ids} from the `rwkv` package ("cpu fp32")."""
+    the prompt, "continuation": n_tokens greedy ids} from the `rwkv` package ("cpu fp32").
+    initial_state: a list of each layer's [H, N, N] WKV state (a state file's tensors), set into the
+    package's zero state as RWKV-Runner does for RWKV-7 (state[3 i + 1] = tensor, as it is)."""
     with tempfile.TemporaryDirectory(prefix="rwkv-package-") as tmp:
         # RWKV_x070 opens NAME + ".pth", RWKV-6 appends .pth when missing: a link named *.pth serves both.
         model = os.path.join(tmp, "model.pth")
         os.symlink(os.path.abspath(os.fspath(path)), model)
         request, result = os.path.join(tmp, "request.pt"), os.path.join(tmp, "result.pt")
-        torch.save({"model": model[:-4], "ids": list(ids), "n_tokens": n_tokens}, request)
+        torch.save({"model": model[:-4], "ids": list(ids), "n_tokens": n_tokens,
+                    "initial_state": None if initial_state is None else [s.float() for s in initial_state]}, request)
         env = {**os.environ, "RWKV_JIT_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_V7_ON": "1" if family == "x070" else "0"}
         done = subprocess.run([sys.executable, "-m", "src.rwkv_package", request, result], cwd=ROOT, env=env,
                               capture_output=True, text=True)
@@ -43,13 +46,25 @@ def _child(request, result):
 
     job = torch.load(request, weights_only=True)
     runtime = RWKV(job["model"], strategy="cpu fp32")    # (RWKV_x070 takes no verbose flag)
+    def start():
+        """The state a sequence starts from: the package's zeros, or the given initial WKV states."""
+        if job.get("initial_state") is None:
+            return None
+        state = runtime.generate_zero_state()
+        for i, s in enumerate(job["initial_state"]):
+            state[i * 3 + 1] = s.to(state[i * 3 + 1].dtype).clone()
+        return state
+
+    def forward(ids, state, **kwargs):
+        return runtime.forward(ids, start() if state is None else state, **kwargs)
+
     with torch.no_grad():
-        logits, state = runtime.forward(job["ids"], None, full_output=True)
+        logits, state = forward(job["ids"], None, full_output=True)
         logits = logits.float().reshape(len(job["ids"]), -1)
         state = [s.clone() for s in state]
         vocab = logits.shape[-1]
         sampler = world_sampler(GREEDY, world_tokenizer()) if vocab == WORLD_VOCAB else Sampler(GREEDY, vocab)
-        new = list(generate(runtime.forward, job["ids"], job["n_tokens"], sampler)) if job["n_tokens"] else []
+        new = list(generate(forward, job["ids"], job["n_tokens"], sampler)) if job["n_tokens"] else []
     torch.save({"logits": logits, "state": state, "continuation": new}, result)
 
 

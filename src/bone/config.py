@@ -14,7 +14,7 @@ MODES = ("bone", "bat", "lora", "mini")
 # no att.gate or ffn.receptance), which an unset target_modules means.
 DEFAULT_TARGETS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
                    "ffn.key", "ffn.receptance", "ffn.value")
-TRAIN_PARTS = ("time", "ln", "emb", "head")
+TRAIN_PARTS = ("time", "ln", "emb", "head", "state")
 LEGACY_KEYS = {"bone_mode": "mode", "bone_r": "r", "bone_load": "load"}
 
 
@@ -58,7 +58,9 @@ _X070_TIME = re.compile(r"\.att\.(x_[rwkvag]|[wav][012]|g[12]|k_k|k_a|r_k)$|\.ff
 
 
 def train_part_of(param_name):
-    """Which train part a parameter belongs to (time, ln, emb, head), or None."""
+    """Which train part a parameter belongs to (time, ln, emb, head, state), or None."""
+    if re.fullmatch(r"blocks\.\d+\.att\.time_state", param_name):
+        return "state"      # the trained initial WKV state (state tuning), not a time-mix weight
     if ".time_" in param_name:
         return "time"
     if _X070_TIME.search(param_name):
@@ -87,7 +89,9 @@ class BoneConfig:
     rank_pattern: {name, suffix or regex: r} per module; the first matching key wins.
     train_parts: any of "time" (every .time_* parameter; in RWKV-7 x_*, w/a/v/g low-rank parts,
       k_k, k_a, r_k), "ln" (ln0/ln1/ln2/ln_x/ln_out), "emb",
-      "head": base parameters that train too; the rest of the base is frozen.
+      "head": base parameters that train too; the rest of the base is frozen; "state": every layer's
+      initial WKV state, att.time_state [H, N, N] (state tuning), made for the purpose, zero at the start.
+      target_modules=[] with train parts: no adapter layer, only the train parts (--peft state).
     lora_alpha: LoRA only; scaling = lora_alpha / r (None: scaling 1).
     mini_r: mode "mini" only (PEFT's MiSS "mini"): the bone tensor is [r, mini_r], tiled along the
       outputs; every adapted module's out must be a multiple of it.
@@ -117,7 +121,7 @@ class BoneConfig:
         if self.target_modules == "all-linear":
             self.target_modules = None       # the model's own projections, resolved by select()
         self.target_modules = _as_patterns(self.target_modules, "target_modules")
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.train_parts:
             raise AdapterError("target_modules is empty: name at least one module to adapt.")
         self.exclude_modules = _as_patterns(self.exclude_modules, "exclude_modules")
         layers = self.layers_to_transform
@@ -202,6 +206,8 @@ class BoneConfig:
         AdapterError naming the pattern that selects nothing or the index out of range."""
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         targets = self.target_modules
+        if targets == []:
+            return OrderedDict()     # train parts alone (state tuning): no adapter layer
         if targets is None:
             targets = list(getattr(getattr(model, "config", None), "default_targets", DEFAULT_TARGETS))
         _check_patterns(targets, names, "target_modules")

@@ -19,6 +19,7 @@ from ..validate import check_fields, is_int, is_number, is_str_list, non_finite,
 from .base_hash import SCHEME, looks_merged, official_tensors, weights_hash
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
 from .functional import adapter_shapes
+from ..model import new_time_states
 from .state import _attach, _build_layers, _state, adapter_layers
 
 META_KEY = "__bone_meta__"
@@ -152,6 +153,10 @@ def _legacy_meta(sd, source):
     X.disha), perhaps all under 'model.'; mode and r read off the tensor shapes."""
     if sd and all(k.startswith("model.") for k in sd):
         sd = OrderedDict((k[len("model."):], v) for k, v in sd.items())
+    if sd and all(train_part_of(k) == "state" for k in sd):
+        # The older repository's --peft state file (RWKV-Runner's state file): time_state tensors alone.
+        return sd, {"format": FILE_FORMAT, "version": 0, "mode": "bone", "r": {}, "targets": [], "train_parts": ["state"],
+                    "lora_alpha": None, "fingerprint": None, "quant": None, "quantized": []}
     sd = OrderedDict((k[:-len(".disha")] + ".bone" if k.endswith(".disha") else k, v) for k, v in sd.items())
     ranks, modes = OrderedDict(), set()
     for k, v in sd.items():
@@ -225,9 +230,12 @@ def load_adapter(model, path_or_state_dict, verbose=False):
     _check_fingerprint(meta, _fingerprint(model), source)
 
     state = getattr(model, "_bone_adapters", None)
+    states = {}
     if state is None:
         layers = _build_layers(model, meta["mode"], OrderedDict(meta["r"]), True, meta.get("lora_alpha"),
                                meta.get("mini_r"))
+        if "state" in meta["train_parts"]:
+            states = new_time_states(model)     # attached only once every check has passed
     else:
         layers = adapter_layers(model)
         if meta["mode"] != state.mode:
@@ -249,7 +257,7 @@ def load_adapter(model, path_or_state_dict, verbose=False):
         for t, p in layer.adapter_tensors().items():
             homes[f"{name}.{t}"] = p
     adapter_keys = set(homes)
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_parameters()), **states}
     for n, p in params.items():
         if train_part_of(n) is not None and n not in homes:
             homes[n] = p
@@ -269,7 +277,7 @@ def load_adapter(model, path_or_state_dict, verbose=False):
     if state is None:
         if "head" in layers and "head" in meta["train_parts"]:
             raise AdapterError(f"{source} both adapts and trains head: it is inconsistent.")
-        _attach(model, layers, meta["mode"], meta["train_parts"], meta.get("lora_alpha"))
+        _attach(model, layers, meta["mode"], meta["train_parts"], meta.get("lora_alpha"), states)
     with torch.no_grad():
         for k, v in sd.items():
             homes[k].copy_(v)
@@ -283,7 +291,8 @@ def plan_merge(base_shapes, fingerprint, path_or_state_dict):
     building a model. base_shapes: {official key: shape} of the base; fingerprint: its
     config.fingerprint(). Returns (mode, plan), plan = {base key: change} in base order,
     where a change is ("merge", adapter tensor or (lora_A, lora_B), scaling) for an adapted
-    weight and ("replace", tensor) for a train-part tensor. The file is read with mmap; the
+    weight, ("replace", tensor) for a train-part tensor and ("state", tensor) for a trained initial
+    state the base has no key for (blocks.{i}.att.time_state, after the base's keys). The file is read with mmap; the
     same refusals as load_adapter, each one sentence (AdapterError)."""
     sd, meta, source = read_adapter(path_or_state_dict, mmap=True)
     _check_fingerprint(meta, fingerprint, source)
@@ -312,8 +321,18 @@ def plan_merge(base_shapes, fingerprint, path_or_state_dict):
         lora_alpha = meta.get("lora_alpha")
         scaling = 1.0 if mode != "lora" or lora_alpha is None else lora_alpha / r
         changes[key] = ("merge", tuple(tensors) if mode == "lora" else tensors[0], scaling)
+    heads = base_shapes.get("blocks.0.att.time_faaaa") or base_shapes.get("blocks.0.att.r_k")
+    n_layer = len([k for k in base_shapes if k.endswith(".ln1.weight")])
+    states = [f"blocks.{i}.att.time_state" for i in range(n_layer)] if "state" in meta["train_parts"] else []
     for k, v in sd.items():
         if k in used:
+            continue
+        if k in states and k not in base_shapes:
+            # A trained initial state: no base tensor to replace; merge.py puts it beside (or, RWKV-6, into) the model.
+            if heads is None or tuple(v.shape) != (heads[0], heads[1], heads[1]):
+                raise AdapterError(f"{source} has {k} of shape {list(v.shape)}, but the base model's heads need "
+                                   f"{[heads[0], heads[1], heads[1]] if heads else '[H, N, N]'}.")
+            changes[k] = ("state", v)
             continue
         if k not in base_shapes or train_part_of(k) is None:
             raise AdapterError(f"{source} has a tensor {k} that belongs to no adapter or train part of the base model.")
@@ -322,10 +341,12 @@ def plan_merge(base_shapes, fingerprint, path_or_state_dict):
         if k in changes:
             raise AdapterError(f"{source} both adapts and trains {k}: it is inconsistent.")
         changes[k] = ("replace", v)
-    missing = [k for k in base_shapes if train_part_of(k) in meta["train_parts"] and k not in changes]
+    missing = [k for k in list(base_shapes) + states if train_part_of(k) in meta["train_parts"] and k not in changes]
     if missing:
         raise AdapterError(f"{source} lacks {missing[0]}, which its metadata says it holds: the file is incomplete.")
-    return mode, OrderedDict((k, changes[k]) for k in base_shapes if k in changes)
+    order = list(base_shapes) + [k for k in states if k not in base_shapes]     # states after the model's own keys
+    return mode, OrderedDict((k, changes[k]) for k in order if k in changes)
+
 
 def check_base(adapter, base_sd, config, base_name, allow_other_base=False):
     """Whether base_sd ({official key: tensor} as its file stores them, such as load_checkpoint's;

@@ -4,6 +4,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 
+from ..model import remove_time_state
 from .config import AdapterError, as_config
 from .files import load_adapter
 from .state import _attach, _build_layers, _set_submodule, _state, adapter_layers  # noqa: F401 (adapter_layers: API)
@@ -55,9 +56,11 @@ def _plain_linear(layer, weight, requires_grad):
     return linear
 
 
-def _restore(model, replacements, state):
+def _restore(model, replacements, state, keep_states):
     for name, linear in replacements.items():
         _set_submodule(model, name, linear)
+    if not keep_states and "state" in state.train_parts:
+        remove_time_state(model)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, True))
     del model._bone_adapters
@@ -83,7 +86,7 @@ def merge_and_unload(model, safe_merge=True):
         merged = layer.merged_weight()
         replacements[name] = _plain_linear(layer, merged, state.requires_grad.get(f"{name}.weight", True))
         _set_submodule(model, name, replacements[name])   # frees the old weight layer by layer
-    return _restore(model, replacements, state)
+    return _restore(model, replacements, state, keep_states=True)    # the trained initial states stay (frozen)
 
 
 def unload(model):
@@ -92,4 +95,4 @@ def unload(model):
     state = _state(model)
     replacements = OrderedDict((name, _plain_linear(layer, layer.base_weight(), state.requires_grad.get(f"{name}.weight", True)))
                                for name, layer in adapter_layers(model).items())
-    return _restore(model, replacements, state)
+    return _restore(model, replacements, state, keep_states=False)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from .base_hash import base_record, official_tensors
 from .config import AdapterError, train_part_of
 from .layers import LAYERS, AdapterLinear
+from ..model import add_time_state
 
 
 class _AdapterState:
@@ -53,7 +54,7 @@ def _build_layers(model, mode, ranks, init_weights=True, lora_alpha=None, mini_r
     return layers
 
 
-def _attach(model, layers, mode, train_parts, lora_alpha):
+def _attach(model, layers, mode, train_parts, lora_alpha, states=None):
     flags = OrderedDict((n, p.requires_grad) for n, p in model.named_parameters())
     # The base's fingerprint now, before src/quant.py may hold it quantized; none for a base that already is.
     base = None if getattr(model, "_base_quant", None) else base_record(
@@ -61,6 +62,8 @@ def _attach(model, layers, mode, train_parts, lora_alpha):
         {name: layer.r for name, layer in layers.items()}, train_parts)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
+    if "state" in train_parts:      # state tuning: each layer's initial WKV state, made here (zero: the base's start)
+        add_time_state(model, states)
     model.requires_grad_(False)
     for n, p in model.named_parameters():
         if train_part_of(n) in train_parts:

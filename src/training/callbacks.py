@@ -46,7 +46,7 @@ class LearningRateSchedule(pl.Callback):
         self.lr = learning_rate(trainer.global_step, **self.kwargs)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
-                group["lr"] = self.lr
+                group["lr"] = self.lr * group.get("lr_scale", 1.0)    # the initial states' group has its own
 
 
 class TrainLog(pl.Callback):

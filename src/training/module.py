@@ -6,13 +6,15 @@ from .loss import lm_loss
 
 
 class RWKVLightning(pl.LightningModule):
-    def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False, chunk_ctx=0):
+    def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False, chunk_ctx=0,
+                 state_lr_scale=1.0):
         super().__init__()
         self.model = model
         self.lr_init, self.betas, self.adam_eps = lr_init, betas, adam_eps
         self.weight_decay = weight_decay
         self.cpu_adam = cpu_adam      # DeepSpeed's CPU Adam, which optimizer offload requires
         self.chunk_ctx = chunk_ctx    # > 0: run each sample this many tokens at a time (exact gradients)
+        self.state_lr_scale = state_lr_scale    # the initial states' lr over the rest's (--lr_state / --lr_init)
         self.strict_loading = False   # resume points leave the frozen base out
 
     def on_save_checkpoint(self, checkpoint):
@@ -27,13 +29,19 @@ class RWKVLightning(pl.LightningModule):
     def configure_optimizers(self):
         # Weight decay pulls matrices (adapters start at zero: towards the base model); never
         # decay vectors such as LayerNorm weights or time-mix parameters.
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        if not trainable:
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("Nothing to train: the adapter config selects no parameter.")
+        # The trained initial states (state tuning) learn at their own rate, and never decay.
+        states = [p for n, p in named if n.endswith(".att.time_state")]
+        trainable = [p for n, p in named if not n.endswith(".att.time_state")]
         matrices = [p for p in trainable if p.dim() >= 2 and self.weight_decay > 0]
         others = [p for p in trainable if not (p.dim() >= 2 and self.weight_decay > 0)]
         groups = [g for g in ({"params": matrices, "weight_decay": self.weight_decay},
-                              {"params": others, "weight_decay": 0.0}) if g["params"]]
+                              {"params": others, "weight_decay": 0.0},
+                              {"params": states, "weight_decay": 0.0, "lr_scale": self.state_lr_scale}) if g["params"]]
+        for g in groups:
+            g["lr"] = self.lr_init * g.get("lr_scale", 1.0)
         if self.cpu_adam:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
             return DeepSpeedCPUAdam(groups, lr=self.lr_init, betas=self.betas, eps=self.adam_eps, adamw_mode=True)

@@ -116,3 +116,21 @@ def test_train_py_bone_mini_r_reaches_the_config():
     train.apply_peft(model, args, bone)
     assert {type(m).__name__ for m in adapter_layers(model).values()} == {"MiniLinear"}
     assert all(m.mini_r == 32 for m in adapter_layers(model).values())
+
+
+def test_train_py_trains_a_mini_adapter_that_merges_and_exports(tmp_path_factory, tmp_path):
+    """train.py --bone_mode mini: the loss falls, the adapter holds [r, mini_r] tensors, merge.py merges
+    it and export.py writes it as a LoRA of rank r."""
+    from tests.test_train import latest_adapter, losses, make_setup, train
+    from tests.test_export import run_export
+    from tests.test_merge import run_merge
+    setup = make_setup(tmp_path_factory, "small")
+    train(setup, tmp_path, "--bone_mode", "mini", "--bone_mini_r", "32")
+    loss = losses(tmp_path)
+    assert sum(loss[s] for s in range(13, 17)) < sum(loss[s] for s in range(1, 5)) - 0.4, loss
+    adapter = latest_adapter(tmp_path)
+    sd, meta, _ = read_adapter(str(adapter))
+    assert meta["mode"] == "mini" and meta["mini_r"] == 32 and all(v.shape == (16, 32) for v in sd.values())
+    assert run_merge("--base_model", setup[1], "--adapter", adapter, "--output", tmp_path / "m.pth", "--quiet") is None
+    assert run_export("--adapter", adapter, "--model", setup[1], "--format", "gguf", "--output", tmp_path / "a.gguf",
+                      "--quiet") is None

@@ -73,6 +73,7 @@ python "$ROOT/train.py" \
     --peft "${PEFT:-bone}" \
     --bone_r "${BONE_R:-64}" \
     --bone_mode "${BONE_MODE:-bone}" \
+    ${BONE_MINI_R:+--bone_mini_r} ${BONE_MINI_R:+"$BONE_MINI_R"} \
     --lora_r "${LORA_R:-8}" \
     --lora_alpha "${LORA_ALPHA:-16}" \
     --target_modules "${TARGET_MODULES:-}" \

@@ -23,7 +23,10 @@ def parse_args(argv=None):
     p = ArgumentParser("generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--model", required=True, help="the base .pth (with --adapter), or a merged one")
-    a("--adapter", default=None, help="an adapter file from train.py (adapter-STEP.pth), applied to --model")
+    a("--adapter", default=None, help="an adapter file from train.py (adapter-STEP.pth), applied to --model; one with "
+                                      "a trained state starts every prompt from it")
+    a("--state", default=None, help="a state file (export.py --format state, merge.py's -state.pth for RWKV-7, or the "
+                                    "older repository's --peft state file): every prompt starts from it")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt_file", help="a UTF-8 text file holding the prompt")
@@ -113,9 +116,26 @@ def run(args):
         note = check_base(args.adapter, base_sd, config, args.model, args.allow_other_base)
         if note:
             print(f"generate.py: {note}", file=sys.stderr)
+    states = None
+    if args.state is not None:
+        from src.bone import read_adapter
+        from src.state_file import read_states
+        if not os.path.isfile(args.state):
+            raise FileNotFoundError(f"--state {args.state} does not exist.")
+        states = read_states(args.state, config)       # another model's shape or family: one sentence, before loading
+        if args.adapter is not None and "state" in read_adapter(args.adapter, mmap=True)[1]["train_parts"]:
+            raise ValueError(f"--adapter {args.adapter} has a trained state of its own, and --state gives another: "
+                             "give one of them.")
+        if any(k.endswith(".att.time_state") for k in base_sd):
+            print(f"generate.py: note: --state {args.state} replaces the state inside {args.model}.", file=sys.stderr)
     del base_sd
 
     model = load_model(args.model, args.adapter, DTYPES[dtype], args.op, device)
+    if states is not None:
+        from src.model import STATE_KEY, add_time_state, remove_time_state
+        remove_time_state(model)
+        add_time_state(model, {f"blocks.{i}.att.{STATE_KEY}": torch.nn.Parameter(s.to(device), requires_grad=False)
+                               for i, s in enumerate(states)})
     generator = torch.Generator()
     if args.seed is None:
         generator.seed()

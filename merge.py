@@ -26,6 +26,7 @@ from src.config import CheckpointError  # noqa: E402
 from src.export import FORMATS, ExportError, check_choice, check_output, export_model  # noqa: E402
 from src.merging import OUTPUT_DTYPES, MergeError, format_report, merge_checkpoint, quant_plan  # noqa: E402
 from src.quant import QUANT_TYPES, QuantError  # noqa: E402
+from src.state_file import state_beside  # noqa: E402
 from src.verify import DEFAULT_PROMPT  # noqa: E402
 
 
@@ -95,7 +96,12 @@ def report_merge(args, report, dtype, why, merged):
     print(format_report(report, dtype))
     if args.verify:
         from src.verify import verify_merged
-        return verify_merged(args.base_model, args.adapter, merged, prompt=args.verify_prompt)[2]
+        from src.bone import read_adapter
+        # An RWKV-7 merge's trained state is in the state file beside it: the package gets it as RWKV-Runner passes it.
+        state = state_beside(merged if args.format == "pth" else args.output)
+        trained = "state" in read_adapter(args.adapter, mmap=True)[1]["train_parts"]
+        return verify_merged(args.base_model, args.adapter, merged, prompt=args.verify_prompt,
+                             state=state if trained and os.path.exists(state) else None)[2]
     return True
 
 
@@ -117,7 +123,8 @@ def merge_to_format(args):
             report, dtype, why = merge_checkpoint(args.base_model, args.adapter, merged, dtype=args.dtype,
                                                   safe_merge=args.safe_merge, device=args.device, overwrite=True,
                                                   progress=not args.quiet, quant=args.quant,
-                                                  allow_other_base=args.allow_other_base)
+                                                  allow_other_base=args.allow_other_base,
+                                                  state_output=state_beside(args.output))
             if not report_merge(args, report, dtype, why, merged):
                 sys.exit(1)     # --verify FAILed: nothing is exported
             size, line = export_model(merged, args.format, args.output, overwrite=args.overwrite,

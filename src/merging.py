@@ -25,6 +25,7 @@ from .bone import AdapterError, check_base, merged_exact, plan_merge, read_adapt
 from .checkpoint import (DTYPES, check_finite, clean_stale_temporaries, load_checkpoint, output_directory,
                          release_pages, stream_checkpoint, trim_heap)
 from .quant import bnb_functional, check_quant, rounded
+from .state_file import save_states, state_beside
 
 OUTPUT_DTYPES = ("auto", "same") + tuple(DTYPES)
 LOST_WARNING = 0.1      # an output dtype may lose at most this fraction of any kind's update
@@ -197,7 +198,7 @@ def choose_dtype(base_sd, plan, mode, round_keys, quant, dev):
 
 
 def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, device="cpu", overwrite=False,
-                     progress=True, quant="none", allow_other_base=False):
+                     progress=True, quant="none", allow_other_base=False, state_output=None):
     """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
     official-layout result to `output`, atomically. dtype: "auto" (choose_dtype), "same" (each
     tensor keeps the base's dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
@@ -205,7 +206,12 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
     (bone.check_base) is refused unless allow_other_base. Returns ({kind: Survival} in base order, the
     dtype written, why that one: a line or None when asked for). Raises
     CheckpointError, AdapterError or MergeError (one sentence) before anything is written when an
-    input is bad; a failure while writing leaves no output behind (nor changes an old one)."""
+    input is bad; a failure while writing leaves no output behind (nor changes an old one).
+
+    A trained initial state (state tuning) goes, for RWKV-6, into the merged file as
+    blocks.{i}.att.time_state (fp32), where the `rwkv` package and ChatRWKV start every sequence from
+    it; RWKV-7 files keep the official layout (the package ignores such keys there), so the state is
+    written to `state_output` (default OUTPUT-state.pth), a state file RWKV-Runner loads."""
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
     dev = _device(device)
@@ -215,6 +221,11 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
     note = check_base(adapter, base_sd, config, base, allow_other_base)
     if note:
         print(f"merge: {note}", file=sys.stderr)
+    states = OrderedDict((k, c[1]) for k, c in plan.items() if c[0] == "state")
+    state_output = None if not states or config.family == "x060" else state_output or state_beside(output)
+    if state_output is not None and os.path.lexists(state_output) and not overwrite:
+        raise MergeError(f"{state_output} (where the trained state goes, beside the RWKV-7 model) already exists: "
+                         "pass --overwrite to replace it, or choose another --output.")
     round_keys = set(quant_plan(adapter, quant)[0])
     if round_keys:
         bnb_functional()       # refuses a missing or old bitsandbytes before anything is written
@@ -234,17 +245,22 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
                                  "(use an earlier adapter, or --no-safe_merge to merge it anyway).")
     for key, w in base_sd.items():
         check_finite(key, w, base)
+    plan = OrderedDict((k, c) for k, c in plan.items() if c[0] != "state")
     why = None
     if dtype == "auto":
         dtype, why = choose_dtype(base_sd, plan, mode, round_keys, quant, dev)
     out_dtype = {k: v.dtype if dtype == "same" else DTYPES[dtype] for k, v in base_sd.items()}
     specs = OrderedDict((k, (tuple(v.shape), out_dtype[k])) for k, v in base_sd.items())
+    if config.family == "x060":     # the initial states after the official keys, in fp32, as the rwkv package reads them
+        specs.update((k, (tuple(v.shape), torch.float32)) for k, v in states.items())
     nbytes = sum(math.prod(shape) * _itemsize(d) for shape, d in specs.values())
     check_output(output, base, adapter, overwrite, nbytes)
     report = OrderedDict()
     bar = _Progress(nbytes, progress)
 
     def produce(key):
+        if key in states:
+            return states[key].to("cpu", torch.float32).contiguous()
         w, exact = _exact(base_sd, plan, mode, key, round_keys, quant, dev)
         if exact is None:
             out = w.to("cpu", out_dtype[key])   # copied (or cast) on the CPU, whatever --device says
@@ -263,7 +279,8 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
     def written(key):
         size = math.prod(specs[key][0]) * _itemsize(specs[key][1])
         bar.update(size, key)
-        release_pages(base_sd[key])
+        if key in base_sd:
+            release_pages(base_sd[key])
         untrimmed[0] += size
         if untrimmed[0] >= TRIM_EVERY:
             trim_heap()
@@ -271,7 +288,20 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
 
     stream_checkpoint(output, specs, produce, written)
     bar.close()
+    if states:
+        print(_state_line(config.family, output, state_output, list(states.values())))
     return report, dtype, why
+
+
+def _state_line(family, output, state_output, states):
+    what = f"the trained initial state ({len(states)} layers of {list(states[0].shape)})"
+    if state_output is None:
+        return (f"merge: {what} is inside {output} as blocks.{{i}}.att.time_state: the rwkv package (ChatRWKV) and "
+                "RWKV-Runner start every sequence from it.")
+    save_states([s.float() for s in states], state_output)
+    return (f"merge: RWKV-7 model files keep the official layout, so {what} is written beside it to {state_output}: "
+            "load it as the state file in RWKV-Runner, pass its tensors to the rwkv package as the initial state "
+            f"(state[3 * i + 1] of generate_zero_state()), or run python generate.py --model {output} --state {state_output}.")
 
 
 class _Progress:

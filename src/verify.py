@@ -8,18 +8,20 @@ from .bone import read_adapter
 from .checkpoint import load_checkpoint
 from .generation import WORLD_VOCAB, load_model
 from .rwkv_package import run_rwkv_package
+from .state_file import read_states
 from .tokenizer import world_tokenizer
 
 DEFAULT_PROMPT = "The old lighthouse keeper opened the door and"
 KEPT = 0.1      # the verdict: the merged file may differ from base + adapter by 10% of the adapter's effect
 
 
-def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out=print):
+def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out=print, state=None):
     """Returns (max |logit difference| merged vs base+adapter, the same for base vs base+adapter,
     the verdict). Prints both, the verdict (the difference is at most 10% of the adapter's own
     effect, or of 1e-3 of the largest logit when the adapter changes almost nothing) and the merged
     model's greedy continuation of `prompt` (deterministic, so two runs compare; World tokenizer
-    when the vocabulary is the World one, token ids otherwise)."""
+    when the vocabulary is the World one, token ids otherwise). state: the state file merge.py wrote
+    beside an RWKV-7 merge, passed to the package as its initial state (as RWKV-Runner does)."""
     meta = read_adapter(adapter, mmap=True)[1]
     quant = meta.get("quant") or "none"
 
@@ -37,7 +39,8 @@ def verify_merged(base, adapter, merged, prompt=DEFAULT_PROMPT, n_tokens=32, out
     plain, adapted = logits(False), logits(True)
     trained = "" if quant == "none" else f", base held {quant} as in training"
     # In the package's own process (its RWKV-7 class is chosen at import); greedy, no penalties.
-    package = run_rwkv_package(merged, config.family, ids, n_tokens)
+    package = run_rwkv_package(merged, config.family, ids, n_tokens,
+                               initial_state=None if state is None else read_states(state, config))
     diff = (package["logits"] - adapted).abs().max().item()
     effect = (plain - adapted).abs().max().item()
     out(f"verify: max |logit difference| over {len(ids)} tokens, merged file in the rwkv runtime vs base + "

@@ -23,7 +23,7 @@ from src.ops.wkv6_reference import wkv6_reference
 from src.ops.wkv7_reference import wkv7_reference
 from src.training.loss import lm_loss
 from tests.test_train import ROOT, free_port, latest_adapter, losses, make_setup
-from tests.tiny import ALL, random_state_dict
+from tests.tiny import ALL, package_logits, random_state_dict
 
 FAMILY_SHAPES = {"x060": "deep", "x070": "deep7"}
 
@@ -307,3 +307,16 @@ def test_bone_and_state_in_one_run(setup, tmp_path):
     # Adam's first steps move each element by about the lr: the state's by ~1, bone's by ~1e-3.
     assert min(saved[k].abs().max() for k in states) > 0.5
     assert max(v.abs().max() for k, v in saved.items() if k.endswith(".bone")) < 0.05
+    # Merged, the rwkv package runs it as trained: bone, ln and the state inside the RWKV-6 file.
+    merged = tmp_path / "merged.pth"
+    done = subprocess.run([sys.executable, "merge.py", "--base_model", model, "--adapter", str(latest_adapter(tmp_path)),
+                           "--output", str(merged), "--dtype", "fp32", "--quiet"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = list(range(1, 30))
+    trained = bone.load_adapter(from_state_dict(torch.load(model, weights_only=True), op="cpu"), latest_adapter(tmp_path))
+    with torch.no_grad():
+        ours = trained(torch.tensor([ids]))[0][0]
+    theirs = package_logits(merged, ids)
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert (package_logits(model, ids) - theirs).abs().max() > 1e-2 * theirs.abs().max()

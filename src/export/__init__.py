@@ -84,6 +84,7 @@ def export_model(model, fmt, output, dtype="same", overwrite=False, progress=Tru
     say = lambda m: print(f"export: {m}", file=sys.stderr)  # noqa: E731
     sd, config = load_checkpoint(model, mmap=True)
     existing = check_output(output, model, overwrite)
+    states, state_output, state_fmt = split_states(sd, fmt, output, overwrite)
     if fmt == "gguf":
         from .gguf import prepare
     else:
@@ -92,7 +93,38 @@ def export_model(model, fmt, output, dtype="same", overwrite=False, progress=Tru
     check_room(existing, plan.nbytes)
     clean_stale_temporaries(output, say=say)
     plan.write(output, progress=progress and sys.stderr.isatty())
-    return os.path.getsize(output), plan.line
+    line = plan.line
+    if states:
+        from ..state_file import save_states
+        save_states(states, state_output, state_fmt)
+        line += "; " + state_note(fmt, state_output)
+    return os.path.getsize(output), line
+
+
+def split_states(sd, fmt, output, overwrite):
+    """A model file with trained initial states inside (a merged RWKV-6 state tune): the states come out of
+    sd (in place) and go to a state file beside the output, in the form the format's runtimes load
+    (llama.cpp has no initial state at all). Returns (states or None, that file, its state format)."""
+    keys = [k for k in sd if k.endswith(".att.time_state")]
+    if not keys:
+        return None, None, None
+    states = [sd.pop(f"blocks.{i}.att.time_state").float() for i in range(len(keys))]
+    state_fmt = "web-rwkv-state" if fmt == "st" else "state"
+    state_output = os.path.splitext(output)[0] + ("-state.st" if fmt == "st" else "-state.pth")
+    if os.path.lexists(state_output) and not overwrite:
+        raise ExportError(f"{state_output} (where the model's trained state goes) already exists: pass --overwrite to "
+                          "replace it, or choose another --output.")
+    return states, state_output, state_fmt
+
+
+def state_note(fmt, state_output):
+    """What export.py says of the state file it wrote beside a model or adapter export."""
+    if fmt == "gguf":
+        return (f"llama.cpp has no initial state, so the trained state is in {state_output} (RWKV-Runner's state file; "
+                "the rwkv package and generate.py --state take it)")
+    if fmt == "st":
+        return f"the trained state is in {state_output} (web-rwkv / Ai00's state file, its [[state]] in Config.toml)"
+    return f"the trained state is in {state_output} (RWKV-Runner's state file)"
 
 
 __all__ = ["ExportError", "CheckpointError", "FORMATS", "EXPORT_DTYPES", "export_model", "check_choice"]

@@ -5,7 +5,9 @@
    --out_dir (base-<settings hash>.pth).
 2. It is fine-tuned on another kind of text, generated additions (" 23 + 58 = 81."), with Bone, Bat
    and LoRA on the 8 projections (Bone and Bat r = 2 x LoRA's rank: in RWKV-6 the counts are then
-   equal; both are printed) and full fine-tuning as the ceiling: the same steps, the same batches,
+   equal; both are printed), full fine-tuning as the ceiling, state tuning (each layer's initial
+   WKV state, every weight frozen; its own lr grid, --state_lrs) and Bone + state (Bone's grid, the
+   state at state's best lr), each at its own parameter count: the same steps, the same batches,
    each at its best learning rate from one grid, the same for all (best by final validation loss).
 3. Training loss every step and validation loss (fixed held-out windows) every --val_every
    steps, per method at its best learning rate.
@@ -45,8 +47,12 @@ from src.training.loss import lm_loss  # noqa: E402
 
 NAMES = ["Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi"]
 THINGS = ["apples", "books", "coins", "stones", "shells", "cards"]
-METHODS = ("bone", "bat", "lora", "full")
+METHODS = ("bone", "bat", "lora", "full", "state", "bone+state")
 LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+# A state (state tuning: each layer's initial WKV state, every weight frozen) learns at its own scale: its
+# values are of order 1. bone+state sweeps bone's grid, its state at state's best lr (or STATE_LR).
+STATE_LRS = (0.03, 0.1, 0.3, 1.0)
+STATE_LR = 1.0
 SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, validation every, seeds
     "quick": dict(layers=2, width=128, ctx=64, batch=8, pretrain=300, steps=60, lrs=LRS, val_every=10, seeds=1),
     "full": dict(layers=4, width=256, ctx=128, batch=8, pretrain=1500, steps=200, lrs=LRS, val_every=20, seeds=3),
@@ -140,15 +146,23 @@ def adapted(base_sd, method, r):
     model = RWKV6.from_state_dict({k: v.clone() for k, v in base_sd.items()}, op="cpu").train()
     if method == "full":
         return model
+    if method == "state":
+        return apply_adapters(model, BoneConfig(target_modules=[], train_parts=["state"]), verbose=False)
+    if method == "bone+state":
+        return apply_adapters(model, BoneConfig(mode="bone", r=r, train_parts=["state"]), verbose=False)
     config = BoneConfig(mode=method, r=r // 2, lora_alpha=r // 2) if method == "lora" else BoneConfig(mode=method, r=r)
     return apply_adapters(model, config, verbose=False)
 
 
-def fine_tune(base_sd, method, r, lr, size, train, val, seed):
+def fine_tune(base_sd, method, r, lr, size, train, val, seed, state_lr=None):
     torch.manual_seed(seed)
     model = adapted(base_sd, method, r)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # bone+state: the states in a group of their own, at state_lr (train.py's --lr_state), on the same warmup.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    states = [p for n, p in named if n.endswith("time_state")] if state_lr is not None else []
+    groups = [{"params": [p for n, p in named if not any(p is q for q in states)], "scale": 1.0}]
+    groups += [{"params": states, "scale": state_lr / lr}] if states else []
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     data = batches(train, size["ctx"], size["batch"], seed)
     curve = {"train": [], "val": [(0, val_loss(model, val))]}
     reset = reset_peak_rss()
@@ -156,7 +170,7 @@ def fine_tune(base_sd, method, r, lr, size, train, val, seed):
     start = time.perf_counter()
     for step in range(1, size["steps"] + 1):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, step / 10)
+            group["lr"] = lr * group["scale"] * min(1.0, step / 10)
         loss = lm_loss(model, *next(data))
         loss.backward()
         opt.step()
@@ -165,7 +179,7 @@ def fine_tune(base_sd, method, r, lr, size, train, val, seed):
         if step % size["val_every"] == 0 or step == size["steps"]:
             curve["val"].append((step, val_loss(model, val)))
     seconds = time.perf_counter() - start
-    return {"method": method, "lr": lr, "params": trainable_parameters(model)[0], "curve": curve,
+    return {"method": method, "lr": lr, "state_lr": state_lr, "params": trainable_parameters(model)[0], "curve": curve,
             "tokens_per_s": size["steps"] * size["batch"] * size["ctx"] / seconds,
             "peak_extra_rss": peak_rss(reset) - before if reset else None}
 
@@ -177,12 +191,13 @@ def steps_to(curve, threshold):
 def table(results, threshold):
     rows = ["| method | trainable params | best lr | final train loss | final val loss | steps to val <= "
             f"{threshold:.3f} | tokens/s | peak extra RSS |", "|---|---|---|---|---|---|---|---|"]
-    for m in METHODS:
+    for m in (m for m in METHODS if m in results):
         r = results[m]
         last_train = sum(v for _, v in r["curve"]["train"][-10:]) / len(r["curve"]["train"][-10:])
         reach = steps_to(r["curve"], threshold)
         mem = f"{r['peak_extra_rss'] / 2**20:.0f} MiB" if r["peak_extra_rss"] is not None else "n/a"
-        rows.append(f"| {m} | {r['params']:,} | {r['lr']:g} | {last_train:.3f} | {r['curve']['val'][-1][1]:.3f} | "
+        lr = f"{r['lr']:g}" + (f" (state {r['state_lr']:g})" if r.get("state_lr") is not None else "")
+        rows.append(f"| {m} | {r['params']:,} | {lr} | {last_train:.3f} | {r['curve']['val'][-1][1]:.3f} | "
                     f"{reach if reach is not None else 'not reached'} | {r['tokens_per_s']:.0f} | {mem} |")
     return "\n".join(rows)
 
@@ -195,10 +210,12 @@ def spread_table(runs, seeds):
     """Every seed's final validation loss per method at its best lr, with mean and min-max."""
     rows = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | min-max |",
             "|---|" + "---|" * (len(seeds) + 2)]
-    for m in METHODS:
+    for m in (m for m in METHODS if m in runs[seeds[0]]):
         finals = [final(runs[s][m]) for s in seeds]
         rows.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in finals) +
                     f" | {sum(finals) / len(finals):.3f} | {min(finals):.3f}-{max(finals):.3f} |")
+    if not {"bone", "lora"} <= set(runs[seeds[0]]):
+        return "\n".join(rows)
     ratios = [final(runs[s]["bone"]) / final(runs[s]["lora"]) for s in seeds]
     rows.append("| bone / lora | " + " | ".join(f"{v:.4f}" for v in ratios) +
                 f" | {sum(ratios) / len(ratios):.4f} | {min(ratios):.4f}-{max(ratios):.4f} |")
@@ -215,14 +232,19 @@ def plot(runs, seeds, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    for m in METHODS:
+    shown = []      # every value after step 0: the range where the methods differ sets the y axis
+    for m in (m for m in METHODS if m in runs[seeds[0]]):
         steps = [s for s, _ in runs[seeds[0]][m]["curve"]["val"]]
         per_seed = [[v for _, v in runs[s][m]["curve"]["val"]] for s in seeds]
         mean = [sum(col) / len(col) for col in zip(*per_seed)]
+        shown += [v for s, row in zip(steps, zip(*per_seed)) if s > 0 for v in row]
         line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{m} (lr {runs[seeds[0]][m]['lr']:g})")
         if len(seeds) > 1:
             ax.fill_between(steps, [min(c) for c in zip(*per_seed)], [max(c) for c in zip(*per_seed)],
                             color=line.get_color(), alpha=0.2, linewidth=0)
+    if shown:       # the step-0 point (the base, far above) is cut off: it squashes the rest into a line
+        low, high = min(shown), max(shown)
+        ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss" + (f" (mean, min-max of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
     ax.set_title(title, fontsize=9)
@@ -235,21 +257,26 @@ def plot(runs, seeds, path, title):
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def sweep_lrs(base_sd, r, size, train, val, seed, say):
-    """Every method at every lr of the grid; the best run per method by final validation loss."""
+def sweep_lrs(base_sd, r, size, train, val, seed, say, methods=METHODS):
+    """Every method at every lr of its grid (state: STATE_LRS); the best run per method by final validation loss."""
     results, sweep = {}, []
-    for method in METHODS:
-        for lr in size["lrs"]:
-            run = fine_tune(base_sd, method, r, lr, size, train, val, seed)
+    for method in methods:
+        for lr in size["state_lrs"] if method == "state" else size["lrs"]:
+            run = fine_tune(base_sd, method, r, lr, size, train, val, seed, state_lr_of(method, results))
             sweep.append({"method": method, "lr": lr, "final_val_loss": final(run)})
             say(f"seed {seed} {method:>4} lr {lr:g}: {run['params']:,} trainable, final val loss {final(run):.4f}, "
                 f"{run['tokens_per_s']:.0f} tokens/s")
             if math.isfinite(final(run)) and (method not in results or final(run) < final(results[method])):
                 results[method] = run
-    missing = [m for m in METHODS if m not in results]
+    missing = [m for m in methods if m not in results]
     if missing:
         sys.exit(f"convergence: {missing[0]} diverged at every learning rate of the grid; give another --lrs.")
     return results, sweep
+
+
+def state_lr_of(method, results):
+    """bone+state's state learns at the state-only run's best lr (STATE_LR when that did not run)."""
+    return (results["state"]["lr"] if "state" in results else STATE_LR) if method == "bone+state" else None
 
 
 def main(argv=None):
@@ -264,16 +291,27 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 60 quick, 200 full)")
     p.add_argument("--pretrain", type=int, default=None, help="pretraining steps of the base")
     p.add_argument("--lrs", default=None, help="comma-separated learning-rate grid")
+    p.add_argument("--state_lrs", default=None, help="comma-separated learning-rate grid of the state (state tuning) "
+                                                     f"(default {','.join(map(str, STATE_LRS))})")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run (default all: "
+                   f"{', '.join(METHODS)}); e.g. state,bone+state to add those rows to an earlier run's table")
     args = p.parse_args(argv)
     size = dict(SIZES["quick" if args.quick else "full"])
     for key in ("steps", "pretrain", "seeds"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
-    if args.lrs:
-        try:
-            size["lrs"] = tuple(float(x) for x in args.lrs.split(","))
-        except ValueError:
-            p.error(f"--lrs must be comma-separated numbers such as 0.003,0.01, not {args.lrs!r}.")
+    size["state_lrs"] = STATE_LRS
+    for flag, key, value in (("--lrs", "lrs", args.lrs), ("--state_lrs", "state_lrs", args.state_lrs)):
+        if value:
+            try:
+                size[key] = tuple(float(x) for x in value.split(","))
+            except ValueError:
+                p.error(f"{flag} must be comma-separated numbers such as 0.003,0.01, not {value!r}.")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        p.error(f"--methods {args.methods!r}: choose among {', '.join(METHODS)}.")
+    methods = [m for m in METHODS if m in methods]
     if args.r < 2 or args.r % 2:
         p.error(f"--r must be an even number of at least 2 (LoRA's rank is r / 2), not {args.r}.")
     for key in ("steps", "pretrain", "seeds"):
@@ -294,18 +332,19 @@ def main(argv=None):
     base_sd = pretrained_base(size, vocab, stories, args.out_dir, say)
     val = windows(held_out, size["ctx"])
 
-    results, sweep = sweep_lrs(base_sd, args.r, size, train, val, seeds[0], say)
+    results, sweep = sweep_lrs(base_sd, args.r, size, train, val, seeds[0], say, methods)
     runs = {seeds[0]: results}
     for seed in seeds[1:]:
         train = make_data(seed)[2]
         runs[seed] = {}
-        for m in METHODS:
-            runs[seed][m] = fine_tune(base_sd, m, args.r, results[m]["lr"], size, train, val, seed)
+        for m in methods:
+            runs[seed][m] = fine_tune(base_sd, m, args.r, results[m]["lr"], size, train, val, seed,
+                                      results[m].get("state_lr"))
             say(f"seed {seed} {m:>4} lr {results[m]['lr']:g}: final val loss {final(runs[seed][m]):.4f}")
-    bone_p, lora_p = results["bone"]["params"], results["lora"]["params"]
-    say(f"trainable parameters: bone {bone_p:,}, bat {results['bat']['params']:,}, lora {lora_p:,} "
-        f"(bone / lora {bone_p / lora_p:.3f}), full {results['full']['params']:,}")
-    threshold = final(results["lora"])
+    say("trainable parameters: " + ", ".join(f"{m} {results[m]['params']:,}" for m in methods))
+    if {"bone", "lora"} <= set(methods):
+        say(f"bone / lora parameters: {results['bone']['params'] / results['lora']['params']:.3f}")
+    threshold = final(results["lora"] if "lora" in results else results[methods[0]])
     text = table(results, threshold)
     spread = spread_table(runs, seeds)
     title = (f"RWKV-6 {size['layers']}x{size['width']}, additions after stories, "
@@ -317,23 +356,26 @@ def main(argv=None):
     w = csv.writer(buf)
     w.writerow(["seed", "method", "lr", "kind", "step", "loss"])
     for seed in seeds:
-        for m in METHODS:
+        for m in methods:
             for kind in ("train", "val"):
                 for s, v in runs[seed][m]["curve"][kind]:
                     w.writerow([seed, m, runs[seed][m]["lr"], kind, s, f"{v:.6f}"])
     write_text(os.path.join(args.out_dir, "curves.csv"), buf.getvalue())
-    mean = {m: sum(final(runs[s][m]) for s in seeds) / len(seeds) for m in METHODS}
-    ratio = mean["bone"] / mean["lora"]
+    mean = {m: sum(final(runs[s][m]) for s in seeds) / len(seeds) for m in methods}
+    ratio = mean["bone"] / mean["lora"] if {"bone", "lora"} <= set(methods) else None
     minutes = (time.time() - start) / 60
-    summary = {"size": {**size, "lrs": list(size["lrs"])}, "seeds": seeds, "r": args.r, "sweep": sweep,
+    summary = {"size": {**size, "lrs": list(size["lrs"]), "state_lrs": list(size["state_lrs"])}, "seeds": seeds,
+               "r": args.r, "methods": methods, "sweep": sweep,
                "results": {m: {k: v for k, v in results[m].items() if k != "curve"} | {"final_val_loss": final(results[m])}
-                           for m in METHODS},
-               "final_val_loss_per_seed": {m: [final(runs[s][m]) for s in seeds] for m in METHODS},
+                           for m in methods},
+               "final_val_loss_per_seed": {m: [final(runs[s][m]) for s in seeds] for m in methods},
                "mean_final_val_loss": mean, "bone_vs_lora_val_loss_ratio": ratio, "minutes": minutes}
     write_text(os.path.join(args.out_dir, "results.json"), json.dumps(summary, indent=1))
     plot(runs, seeds, os.path.join(args.out_dir, "convergence.png"), title)
     print(f"\n{report}\nwritten to {args.out_dir} in {minutes:.1f} minutes: table.md, curves.csv, results.json, "
           "convergence.png")
+    if ratio is None:
+        return
     if len(seeds) > 1:
         print(f"the ratio below is of the mean final validation loss over the {len(seeds)} seeds")
     print(f"bone_vs_lora_val_loss_ratio {ratio:.4f}")

@@ -9,6 +9,10 @@ vocabulary, fp32 on the CPU, bf16 autocast on a GPU), one sample of ctx tokens:
   grad_cp  fused, and every block recomputed in the backward pass (train.py --grad_cp 1)
   chunked  fused, and the sample run --chunk tokens at a time (train.py --chunk_ctx N)
 
+With --state it compares instead state tuning (train.py --peft state: only each layer's initial
+WKV state trains, every weight frozen) with Bone r=64 at the same shape, fused head + loss, at each
+--ctx (default 512,2048).
+
 With --quant nf4,int8 it compares instead a bf16 base with the same base held quantized as
 train.py --quant holds it (src/quant.py), at the RWKV-6 0.4B shape (24 layers, 1024 wide) unless
 --layers/--width say otherwise, fused head + loss, one sample of --ctx tokens (default 256):
@@ -22,6 +26,7 @@ goals are the last lines.
 
     python bench/memory.py [--ctx 512,2048,8192] [--chunk 512] [--layers 6 --width 512] [--repeat 2]
     python bench/memory.py --quant nf4,int8 [--ctx 256] [--layers 24 --width 1024]
+    python bench/memory.py --state [--ctx 512,2048]
 """
 import argparse
 import json
@@ -78,12 +83,14 @@ def one_config(args):
     model = from_state_dict(fresh_state_dict(cfg), grad_cp=args.config == "grad_cp").to(device).train()
     if args.base != "fp32":
         model = model.to(torch.bfloat16)    # the base as train.py holds it under DeepSpeed's bf16
-    apply_adapters(model, BoneConfig(r=64), verbose=False)
+    config = BoneConfig(target_modules=[], train_parts=["state"]) if args.peft == "state" else BoneConfig(r=64)
+    apply_adapters(model, config, verbose=False)
     if args.base not in ("fp32", "bf16"):
         from src.quant import quantize_model
         quantize_model(model, args.base)
     trim_heap()
     adapters = [p for layer in adapter_layers(model).values() for p in layer.adapter_tensors().values()]
+    adapters += [p for n, p in model.named_parameters() if n.endswith("time_state")]
     held = [t for t in list(model.parameters()) + list(model.buffers()) if all(t is not p for p in adapters)]
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(1, args.vocab, (1, args.ctx), generator=g).to(device) for _ in range(2))
@@ -109,14 +116,15 @@ def one_config(args):
         step()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if gpu else peak_rss(reset)
-    print(json.dumps({"config": args.config, "base_weights": args.base, "ctx": args.ctx, "peak": peak, "base": base,
+    print(json.dumps({"config": args.config, "peft": args.peft, "base_weights": args.base, "ctx": args.ctx, "peak": peak, "base": base,
                       "weights": storage_bytes(held), "adapters": storage_bytes(adapters), "seconds": min(times),
                       "device": torch.cuda.get_device_name() if gpu else "cpu"}))
 
 
-def run_child(args, config, ctx, base="fp32"):
+def run_child(args, config, ctx, base="fp32", peft="bone"):
     """One configuration in a fresh process: its row, or None (said) when it failed."""
     cmd = [sys.executable, __file__, "--config", config, "--base", base, "--ctx", str(ctx), "--chunk", str(args.chunk),
+           "--peft", peft,
            "--layers", str(args.layers), "--width", str(args.width), "--vocab", str(args.vocab),
            "--repeat", str(args.repeat), "--family", args.family]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -154,6 +162,28 @@ def ctx_table(args, ctxs):
     return list(rows.values())
 
 
+def state_table(args, ctxs):
+    """State tuning against Bone r=64: the same shape, the fused head + loss, each ctx."""
+    rows = {}
+    for ctx in ctxs:
+        for peft in ("bone", "state"):
+            row = rows[peft, ctx] = run_child(args, "fused", ctx, peft=peft)
+            if row:
+                print(f"{peft:>5} ctx {ctx:>6}: trains {row['adapters'] / 4:,.0f} values, step peak {gib(row['peak'])} "
+                      f"(before the step {gib(row['base'])}, extra {gib(row['peak'] - row['base'])}), "
+                      f"{ctx / row['seconds']:8.0f} tokens/s", flush=True)
+    rows = {k: r for k, r in rows.items() if r}
+    device = next(iter(rows.values()))["device"] if rows else "?"
+    print(f"\n{args.family} L={args.layers} C={args.width} V={args.vocab}, one sample, {device}; best of {args.repeat} "
+          "timed steps each; the ratios:")
+    for ctx in ctxs:
+        if ("state", ctx) in rows and ("bone", ctx) in rows:
+            s, b = rows["state", ctx], rows["bone", ctx]
+            print(f"ctx {ctx}: state / bone: step peak {s['peak'] / b['peak']:.3f}x, extra memory "
+                  f"{(s['peak'] - s['base']) / max(1, b['peak'] - b['base']):.3f}x, time {s['seconds'] / b['seconds']:.2f}x")
+    return list(rows.values())
+
+
 def quant_table(args, quants):
     rows = {}
     for base in ["bf16"] + quants:
@@ -188,6 +218,8 @@ def main():
     p.add_argument("--quant", default=None, help="compare a bf16 base with it held quantized: comma-separated "
                                                  "from nf4, fp4, int8")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--state", action="store_true", help="compare state tuning (--peft state) with Bone r=64 instead")
+    p.add_argument("--peft", default="bone", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -206,6 +238,8 @@ def main():
     if quants:
         args.ctx = int(args.ctx or 256)
         rows = quant_table(args, quants)
+    elif args.state:
+        rows = state_table(args, [int(c) for c in (args.ctx or "512,2048").split(",")])
     else:
         rows = ctx_table(args, [int(c) for c in (args.ctx or ("512,2048,8192,32768" if gpu else "512,2048,8192")).split(",")])
     if args.json:

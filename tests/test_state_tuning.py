@@ -320,3 +320,22 @@ def test_bone_and_state_in_one_run(setup, tmp_path):
     theirs = package_logits(merged, ids)
     assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
     assert (package_logits(model, ids) - theirs).abs().max() > 1e-2 * theirs.abs().max()
+
+
+def test_convergence_bench_has_the_state_rows(tmp_path):
+    """bench/convergence.py --methods: state and bone+state at their own parameter counts; bone+state's
+    state learns at the state row's best lr."""
+    import json
+    done = subprocess.run([sys.executable, "bench/convergence.py", "--quick", "--steps", "3", "--pretrain", "4",
+                           "--lrs", "0.01", "--state_lrs", "0.1,1", "--methods", "bone+state,state,bone",
+                           "--out_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())
+    results = summary["results"]
+    assert summary["methods"] == ["bone", "state", "bone+state"]
+    assert results["state"]["params"] == 2 * 4 * 32 * 32            # quick: 2 layers, 128 wide, heads of 32
+    assert results["bone+state"]["params"] == results["bone"]["params"] + results["state"]["params"]
+    assert results["bone+state"]["state_lr"] == results["state"]["lr"] in (0.1, 1.0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| state | 8,192 |" in table and f"(state {results['state']['lr']:g})" in table
+    assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

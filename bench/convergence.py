@@ -287,6 +287,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=None, help="how many seeds, from --seed on (default: 1 quick, "
                                                            "3 full); the lr sweep runs on the first")
     p.add_argument("--out_dir", default=os.path.join(ROOT, "out", "convergence"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every core; on a shared "
+                   "machine 1 avoids threads waiting for each other)")
     p.add_argument("--r", type=int, default=16, help="Bone and Bat r; LoRA's rank is r / 2 (equal parameters)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: 60 quick, 200 full)")
     p.add_argument("--pretrain", type=int, default=None, help="pretraining steps of the base")
@@ -319,7 +321,7 @@ def main(argv=None):
             p.error(f"--{key} must be at least 1, not {size[key]}.")
     size["val_every"] = min(size["val_every"], size["steps"])
     os.makedirs(args.out_dir, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     say = lambda m: print(m, flush=True)  # noqa: E731
     start = time.time()
 

@@ -63,20 +63,20 @@ python "$ROOT/train.py" \
     --epoch_count "${EPOCH_COUNT:-1}" \
     --epoch_save "${EPOCH_SAVE:-1}" \
     --save_every_steps "${SAVE_EVERY_STEPS:-0}" \
-    --lr_init "${LR_INIT:-2e-5}" \
-    --lr_final "${LR_FINAL:-2e-5}" \
+    ${LR_INIT:+--lr_init} ${LR_INIT:+"$LR_INIT"} \
+    ${LR_FINAL:+--lr_final} ${LR_FINAL:+"$LR_FINAL"} \
     --lr_schedule "${LR_SCHEDULE:-cosine}" \
     --warmup_steps "${WARMUP_STEPS:-0}" \
     --keep_last "${KEEP_LAST:-3}" \
     --max_steps "${MAX_STEPS:-0}" \
     --save_every_minutes "${SAVE_EVERY_MINUTES:-30}" \
     --peft "${PEFT:-bone}" \
-    --bone_r "${BONE_R:-64}" \
-    --bone_mode "${BONE_MODE:-bone}" \
+    ${BONE_R:+--bone_r} ${BONE_R:+"$BONE_R"} \
+    ${BONE_MODE:+--bone_mode} ${BONE_MODE:+"$BONE_MODE"} \
     ${BONE_MINI_R:+--bone_mini_r} ${BONE_MINI_R:+"$BONE_MINI_R"} \
-    --lora_r "${LORA_R:-8}" \
-    --lora_alpha "${LORA_ALPHA:-16}" \
-    --target_modules "${TARGET_MODULES:-}" \
+    ${LORA_R:+--lora_r} ${LORA_R:+"$LORA_R"} \
+    ${LORA_ALPHA:+--lora_alpha} ${LORA_ALPHA:+"$LORA_ALPHA"} \
+    ${TARGET_MODULES:+--target_modules} ${TARGET_MODULES:+"$TARGET_MODULES"} \
     ${SFT_TEMPLATE:+--sft_template} ${SFT_TEMPLATE:+"$SFT_TEMPLATE"} \
     --train_parts "${TRAIN_PARTS:-}" \
     --grad_cp "${GRAD_CP:-0}" \

@@ -51,7 +51,7 @@ METHODS = ("bone", "bat", "lora", "full", "state", "bone+state")
 LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 # A state (state tuning: each layer's initial WKV state, every weight frozen) learns at its own scale: its
 # values are of order 1. bone+state sweeps bone's grid, its state at state's best lr (or STATE_LR).
-STATE_LRS = (0.03, 0.1, 0.3, 1.0)
+STATE_LRS = (0.1, 0.3, 1.0, 3.0)
 STATE_LR = 1.0
 SIZES = {  # layers, width, ctx, batch, pretrain steps, fine-tune steps, validation every, seeds
     "quick": dict(layers=2, width=128, ctx=64, batch=8, pretrain=300, steps=60, lrs=LRS, val_every=10, seeds=1),
@@ -227,29 +227,44 @@ def write_text(path, text):
 
 
 def plot(runs, seeds, path, title):
-    """Validation loss per step: each method's mean over the seeds, its min-max band when there are several."""
+    """Validation loss per step: each method's mean over the seeds, its min-max band when there are several.
+    Left: every method from the first validation after step 0 (the base's step-0 loss, far above, would
+    squash the rest into a line). Right: a zoom on the last half of the steps, on the methods that end
+    within 1.5x of the best final loss (state tuning, far above on a new task, would squash the others)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    shown = []      # every value after step 0: the range where the methods differ sets the y axis
-    for m in (m for m in METHODS if m in runs[seeds[0]]):
-        steps = [s for s, _ in runs[seeds[0]][m]["curve"]["val"]]
-        per_seed = [[v for _, v in runs[s][m]["curve"]["val"]] for s in seeds]
-        mean = [sum(col) / len(col) for col in zip(*per_seed)]
-        shown += [v for s, row in zip(steps, zip(*per_seed)) if s > 0 for v in row]
-        line, = ax.plot(steps, mean, marker="o", markersize=3, label=f"{m} (lr {runs[seeds[0]][m]['lr']:g})")
-        if len(seeds) > 1:
-            ax.fill_between(steps, [min(c) for c in zip(*per_seed)], [max(c) for c in zip(*per_seed)],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-    if shown:       # the step-0 point (the base, far above) is cut off: it squashes the rest into a line
-        low, high = min(shown), max(shown)
-        ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss" + (f" (mean, min-max of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    methods = [m for m in METHODS if m in runs[seeds[0]]]
+    best = min(sum(final(runs[s][m]) for s in seeds) / len(seeds) for m in methods)
+    last = max(s for s, _ in runs[seeds[0]][methods[0]]["curve"]["val"])
+    for ax, zoom in zip(axes, (False, True)):
+        shown = []
+        for i, m in enumerate(methods):
+            steps = [s for s, _ in runs[seeds[0]][m]["curve"]["val"]]
+            per_seed = [[v for _, v in runs[s][m]["curve"]["val"]] for s in seeds]
+            mean = [sum(col) / len(col) for col in zip(*per_seed)]
+            if zoom and mean[-1] > 1.5 * best:
+                continue
+            first = last / 2 if zoom else 1
+            shown += [v for s, row in zip(steps, zip(*per_seed)) if s >= first for v in row]
+            line, = ax.plot(steps, mean, marker="o", markersize=3, color=f"C{i}",
+                            label=f"{m} (lr {runs[seeds[0]][m]['lr']:g})")
+            if len(seeds) > 1:
+                ax.fill_between(steps, [min(c) for c in zip(*per_seed)], [max(c) for c in zip(*per_seed)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        if shown:
+            low, high = min(shown), max(shown)
+            ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.05 * (high - low or 1))
+        if zoom:
+            ax.set_xlim(last / 2 - last / 40, last + last / 40)
+            ax.set_title("zoom: the last half, methods within 1.5x of the best", fontsize=9)
+        else:
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel("validation loss" + (f" (mean, min-max of {len(seeds)} seeds)" if len(seeds) > 1 else ""))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

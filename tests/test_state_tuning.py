@@ -339,3 +339,18 @@ def test_convergence_bench_has_the_state_rows(tmp_path):
     table = (tmp_path / "table.md").read_text()
     assert "| state | 8,192 |" in table and f"(state {results['state']['lr']:g})" in table
     assert (tmp_path / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_state_tuning_on_sft_data_with_validation(tmp_path):
+    """SFT masks (the loss on the responses only) and a validation split, on a World-vocabulary base."""
+    from tests.test_data import SFT, write_jsonl
+    from tests.tiny import save_random_checkpoint
+    model = save_random_checkpoint(str(tmp_path), "world", 0)[0]
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT * 4)
+    out = state_train((tmp_path, model), tmp_path / "run", "--data_file", data, "--data_type", "sft", "--val_split",
+                      "0.2", "--strategy", "deepspeed_stage_2", steps=8)
+    assert "validation loss on" in out, out[-2000:]
+    saved = torch.load(latest_adapter(tmp_path / "run"), weights_only=True)
+    assert sorted(k for k in saved if k != "__bone_meta__") == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
+    rows = losses(tmp_path / "run")
+    assert len(rows) == 8 and all(np.isfinite(v) for v in rows.values())

@@ -343,6 +343,9 @@ def check_state_args(args):
                              "drop it, or use --peft bone (or lora) --train_parts state to train both.")
         if "state" in parts:
             raise ValueError("--peft state already trains the state: drop state from --train_parts.")
+    if args.peft == "none" and "state" in parts:
+        raise ValueError("--peft none trains base parameters, and the state is not one: use --peft state (with "
+                         "--train_parts for the others).")
     alone = args.peft == "state" and not parts
     LR_DEFAULTED[:] = [f for f, v in (("--lr_init", args.lr_init), ("--lr_final", args.lr_final),
                                       ("--lr_state", args.lr_state)) if v is None]

@@ -265,6 +265,7 @@ def test_sigkill_then_resume_repeats_the_state_tuning_losses(setup, tmp_path):
     (["--peft", "state", "--target_modules", "att.key"], "but --target_modules sets up an adapter"),
     (["--peft", "state", "--train_parts", "state"], "--peft state already trains the state"),
     (["--peft", "state", "--lr_state", "0"], "--lr_state 0.0 must be a positive number"),
+    (["--peft", "none", "--train_parts", "state,ln"], "--peft none trains base parameters, and the state is not one"),
 ])
 def test_bad_state_arguments_are_one_sentence(setup, tmp_path, extra, message):
     d, model = setup

@@ -110,7 +110,7 @@ def test_the_command_line_has_no_traceback(setup, tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "train.py: --micro_bsz -2 is too small: it must be at least 1."
     p = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert "(default: 1024)" in p.stdout and "(default: 2e-05)" in p.stdout    # --help shows defaults
+    assert "(default: 1024)" in p.stdout and "(default: cosine)" in p.stdout    # --help shows defaults
 
 
 # --- the run directory ------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_kill_9_temporaries_are_removed_by_the_next_run(tmp_path):
     assert kill_when_a_temporary_appears(cmd, tmp_path / "merged")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and "left by an interrupted run" in p.stderr, p.stderr
-    assert os.listdir(tmp_path / "merged") == ["m.pth"]
+    assert sorted(os.listdir(tmp_path / "merged")) == ["m.pth", "m.pth.report.txt"]
 
 
 def test_malformed_adapter_metadata(setup, tmp_path):

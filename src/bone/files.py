@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..checkpoint import atomic_save, load_state_dict
+from ..checkpoint import atomic_save, check_finite, load_state_dict
 from ..validate import check_fields, is_int, is_number, is_str_list, non_finite, show
 from .base_hash import SCHEME, looks_merged, official_tensors, weights_hash
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
@@ -362,6 +362,8 @@ def check_base(adapter, base_sd, config, base_name, allow_other_base=False):
         return f"note: {source} records no base fingerprint: cannot check that {base_name} is the base it was trained on."
     if weights_hash(official_tensors(base_sd, config), meta["train_parts"]) == record["sha256"]:
         return None
+    for key, t in base_sd.items():      # a damaged base differs too: naming the tensor says more
+        check_finite(key, t, base_name)
     if looks_merged(record["probe"], base_sd, plan, mode):
         what, fix = (f"{base_name} looks like {source} already merged into its base (its weights are the recorded base's "
                      "plus this adapter's update)", "give the original base model")

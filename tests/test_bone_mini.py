@@ -9,10 +9,11 @@ from src.bone import (AdapterError, BoneConfig, BoneLinear, adapter_layers, appl
                       merge_and_unload, merge_weight, plan_merge, read_adapter, save_adapter)
 from src.bone.functional import lora_factors, merged_exact
 from src.bone.layers import MiniLinear
+from tests.runtimes import require
 from tests.test_bone import logits, make_model, tokens
 from tests.tiny import SHAPES, randomize
 
-peft = pytest.importorskip("peft", reason="peft is not installed (a test-only requirement)")
+peft = require("peft", "pip install -r requirements-test.txt (README, Set up)")
 from peft.tuners.miss import MissConfig, MissLinear  # noqa: E402
 
 

@@ -60,14 +60,16 @@ def family(path):
     return load_checkpoint(path)[1].family
 
 
-def llama(path):
+def llama(path, lora=None):
+    """llama.cpp on the GGUF at path, with the LoRA adapter GGUF `lora` applied when given."""
     llama_cpp = require("llama_cpp", "pip install -r requirements-test.txt (README, Set up)")
-    return llama_cpp.Llama(str(path), logits_all=True, n_ctx=128, verbose=False)
+    return llama_cpp.Llama(str(path), lora_path=None if lora is None else str(lora), logits_all=True, n_ctx=128,
+                           verbose=False)
 
 
-def llama_run(path, n_tokens=0):
+def llama_run(path, n_tokens=0, lora=None):
     """(prompt ids as llama.cpp tokenizes PROMPT, logits of every prompt position, greedy continuation)."""
-    llm = llama(path)
+    llm = llama(path, lora)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
     llm.eval(ids)
     logits = np.array(llm.scores[:len(ids)])

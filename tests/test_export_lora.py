@@ -16,11 +16,11 @@ from src.bone import BoneConfig, apply_adapters, save_adapter
 from src.bone.functional import merged_exact
 from src.checkpoint import load_state_dict
 from src.family import from_checkpoint
-from tests.test_export import FP32_TOL, ROUNDED_TOL, TEXT_TOKENS, off, run_export
+from tests.test_export import FP32_TOL, PROMPT, ROUNDED_TOL, off, run_export
+from tests.test_export import llama_run as export_run
 from tests.test_merge import make_pair, run_merge, snapshot
 from tests.tiny import randomize, save_random_checkpoint
 
-PROMPT = "Alice has 3 apples. Bob gives Alice 2 more.\n\n你好 🙂"
 # (tiny shape, mode, r, mini_r): r = 48 leaves a tail on every input (64 and 224 are not multiples).
 CASES = {"bone-x060": ("world", "bone", 48, None), "lora-x060": ("world", "lora", 16, None),
          "bone-x070": ("world7", "bone", 16, None), "lora-x070": ("world7", "lora", 16, None),
@@ -93,23 +93,9 @@ def test_the_file_is_what_llama_cpp_reads_and_b_a_is_the_merges_update(world):
         assert (got - want).abs().max() <= 1e-15 * want.abs().max(), name
 
 
-def llama(path, lora=None):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (requirements-gguf.txt)")
-    return llama_cpp.Llama(str(path), lora_path=None if lora is None else str(lora), logits_all=True, n_ctx=128,
-                           verbose=False)
-
-
 def llama_run(path, lora=None, n_tokens=0):
-    """(logits at every prompt position, greedy continuation) of llama.cpp on PROMPT."""
-    llm = llama(path, lora)
-    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
-    llm.eval(ids)
-    logits = np.array(llm.scores[:len(ids)])
-    new = []
-    for _ in range(n_tokens):
-        new.append(int(np.argmax(llm.scores[llm.n_tokens - 1][:TEXT_TOKENS])))
-        llm.eval([new[-1]])
-    return logits, new
+    """(logits at every prompt position, greedy continuation) of llama.cpp on PROMPT (test_export's run)."""
+    return export_run(path, n_tokens, lora)[1:]
 
 
 def test_base_plus_adapter_is_the_merged_model_in_llama_cpp(world):

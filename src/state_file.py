@@ -96,7 +96,9 @@ def save_states(states, path, fmt="state"):
         atomic_save({state_key(i): s.float().contiguous().clone() for i, s in enumerate(states)}, path)
     elif fmt == "web-rwkv-state":
         from safetensors.torch import save
-        blob = save({state_key(i): s.transpose(-1, -2).to(torch.float16).contiguous() for i, s in enumerate(states)})
+        # As web-rwkv's assets/scripts/convert_safetensors.py writes it (its read_state transposes back on load).
+        blob = save({state_key(i): s.transpose(-1, -2).to(torch.float16).contiguous() for i, s in enumerate(states)},
+                    metadata={"format": "pt"})
         atomic_write(path, lambda f: f.write(blob))
     else:
         raise StateFileError(f"Unknown state format {fmt!r}: choose one of {', '.join(STATE_FORMATS)}.")

@@ -22,7 +22,7 @@ from src.family import from_state_dict
 from src.ops.wkv6_reference import wkv6_reference
 from src.ops.wkv7_reference import wkv7_reference
 from src.training.loss import lm_loss
-from tests.test_train import ROOT, free_port, latest_adapter, losses, make_setup
+from tests.test_train import ROOT, free_port, latest_adapter, losses, setup, setup7  # noqa: F401 (setup, setup7: fixtures)
 from tests.tiny import ALL, package_logits, random_state_dict
 
 FAMILY_SHAPES = {"x060": "deep", "x070": "deep7"}
@@ -161,16 +161,6 @@ def test_the_layout_is_the_rwkv_package_s_and_a_transposed_state_is_caught(famil
     scale = theirs.abs().max()
     assert (ours - theirs).abs().max() <= 1e-4 * scale
     assert (transposed - theirs).abs().max() > 1e-2 * scale
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_setup(tmp_path_factory, "small")
-
-
-@pytest.fixture(scope="module")
-def setup7(tmp_path_factory):
-    return make_setup(tmp_path_factory, "small7")
 
 
 SNAPSHOT = """

@@ -6,8 +6,15 @@ argmax, the text merge.py --verify prints, unless --alpha_presence or --alpha_fr
 
     python generate.py --model RWKV-x060-World-1B6.pth --adapter out/bone/adapter-0001000.pth \\
         --prompt_file prompt.txt --max_tokens 200 --temperature 1 --top_p 0.3
+
+--chat talks instead, in RWKV's chat format, the state carried from turn to turn; from a script
+(stdin not a terminal) each line is a user message, and each reply is printed as its lines
+followed by one empty line:
+
+    printf 'Hi!\nAnd then?\n' | python generate.py --model merged.pth --chat --temperature 0 --history chat.json
 """
 import argparse
+import json
 import os
 import sys
 
@@ -30,7 +37,13 @@ def parse_args(argv=None):
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="the text to continue")
     prompt.add_argument("--prompt_file", help="a UTF-8 text file holding the prompt")
-    a("--max_tokens", type=int, default=200, help="generate at most this many tokens")
+    prompt.add_argument("--chat", action="store_true", help="chat in RWKV's format (User: ...\\n\\nAssistant: ...), the "
+                                                           "state carried turn to turn; with stdin not a terminal, one "
+                                                           "user message a line, each reply printed then a blank line")
+    a("--system", default=None, help="with --chat: the system prompt the chat starts with")
+    a("--history", default=None, help="with --chat: keep the chat in this JSON file ({\"messages\": [...]}), rewritten "
+                                      "after each turn; an existing one is resumed")
+    a("--max_tokens", type=int, default=200, help="generate at most this many tokens (with --chat: a reply)")
     a("--temperature", type=float, default=1.0, help="0: greedy (plain argmax, as merge.py --verify prints it, unless "
                                                      "a penalty is given); below 1 sharper, above 1 flatter")
     a("--top_p", type=float, default=0.85, help="sample among the most likely tokens that together reach this probability")
@@ -70,7 +83,7 @@ def run(args):
     import torch
 
     from src.checkpoint import DTYPES, load_checkpoint
-    from src.generation import WORLD_VOCAB, generate, load_model, model_step, stream_text, world_sampler
+    from src.generation import WORLD_VOCAB, Chat, generate, load_model, model_step, stream_text, world_sampler
     from src.sampling import GREEDY, SamplingArgs
     from src.tokenizer import world_tokenizer
 
@@ -90,14 +103,17 @@ def run(args):
     dtype = {"auto": "bf16" if device == "cuda" else "fp32"}.get(args.dtype, args.dtype)
     if dtype not in DTYPES:
         raise ValueError(f"Unknown --dtype {args.dtype!r}: choose fp32, bf16, fp16 or auto.")
+    if not args.chat and (args.system is not None or args.history is not None):
+        raise ValueError("--system and --history are options of --chat: add --chat, or drop them.")
+    messages = chat_messages(args) if args.chat else None    # before any work: a bad history is one sentence
     if args.prompt_file is not None:
         if not os.path.isfile(args.prompt_file):
             raise FileNotFoundError(f"--prompt_file {args.prompt_file} does not exist.")
         with open(args.prompt_file, encoding="utf-8") as f:
             args.prompt = f.read()
     tokenizer = world_tokenizer()
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
+    prompt = None if args.chat else tokenizer.encode(args.prompt)
+    if prompt == []:
         raise ValueError("The prompt is empty: give some text to continue.")
     bad = [i for i in args.token_ban + args.token_stop if not 0 <= i < WORLD_VOCAB]
     if bad:
@@ -142,6 +158,8 @@ def run(args):
     else:
         generator.manual_seed(args.seed)
     sampler = world_sampler(sampling, tokenizer, WORLD_VOCAB, generator)
+    if args.chat:
+        return chat(Chat(model_step(model), tokenizer, sampler, args.max_tokens, args.token_stop, messages), args.history)
     tokens = generate(model_step(model), prompt, args.max_tokens, sampler, args.token_stop)
 
     def write(text):
@@ -149,6 +167,78 @@ def run(args):
         sys.stdout.flush()
     stream_text(tokens, tokenizer, write)
     write("\n")
+
+
+def chat_messages(args):
+    """The chat's first messages: --history's when the file exists (checked as a whole), else the
+    --system turn, if any. One sentence for a file that is not a history, or not one to resume."""
+    from src.chat_template import ROLES, clean_turn
+    path = args.history
+    system = None if args.system is None else clean_turn(args.system)
+    if system == "":
+        raise ValueError("--system is empty: give the system prompt's text, or drop --system.")
+    start = [{"role": "system", "content": system}] if system else []
+    if path is None:
+        return start
+    if os.path.isdir(path):
+        raise ValueError(f"--history {path} is a folder: give a file.")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"--history {path}: its folder does not exist.")
+    if not os.path.exists(path):
+        return start
+    want = "generate.py --chat keeps {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}, user and assistant turns " \
+           "in turn after an optional system turn"
+    try:
+        with open(path, encoding="utf-8") as f:
+            history = json.load(f)
+    except ValueError as e:     # not UTF-8, or not JSON
+        raise ValueError(f"--history {path} is not a chat history ({type(e).__name__}): {want}.") from None
+    messages = history.get("messages") if isinstance(history, dict) else None
+    ok = isinstance(messages, list) and all(isinstance(m, dict) and set(m) == {"role", "content"} and
+                                            m["role"] in ROLES and isinstance(m["content"], str) for m in messages)
+    turns = messages[1:] if ok and messages and messages[0]["role"] == "system" else messages
+    if not ok or [m["role"] for m in turns] != ["user", "assistant"] * (len(turns) // 2) or len(turns) % 2:
+        raise ValueError(f"--history {path} is not a chat history: {want}.")
+    if system and messages[:1] != start:
+        raise ValueError(f"--history {path} already starts the chat, with another system prompt or none: drop "
+                         "--system to resume it, or give a new --history file.")
+    return messages
+
+
+def chat(session, history):
+    """Talk until EOF or Ctrl-C: a terminal gets prompts and the reply as it streams; otherwise each
+    stdin line is a user message and each reply is printed whole, then a blank line. The history
+    file, if any, is rewritten (atomically) after every reply."""
+    from src.checkpoint import atomic_write
+    interactive = sys.stdin.isatty()
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    if interactive:
+        print("generate.py: chat; an empty line is ignored, Ctrl-D or Ctrl-C ends it.", file=sys.stderr)
+    try:
+        while True:
+            line = input("User: ") if interactive else sys.stdin.readline()
+            if not line:
+                if interactive:
+                    continue
+                break                   # EOF
+            if not line.strip():
+                continue
+            if interactive:
+                write("Assistant:")
+                session.reply(line, write)
+                write("\n\n")
+            else:
+                reply = session.reply(line)
+                write(reply + "\n\n" if reply else "\n")    # the reply's lines, then one empty line
+            if history is not None:
+                text = json.dumps({"messages": session.messages}, ensure_ascii=False, indent=1) + "\n"
+                atomic_write(history, lambda f: f.write(text.encode("utf-8")))
+    except (EOFError, KeyboardInterrupt):   # the chat ends; the history holds every finished turn
+        if interactive:
+            write("\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Generation: a base model with its adapter (or a merged file) run as trained, read over the
 prompt once and then one token at a time through its state, each token chosen by
-src/sampling.py. Used by generate.py and merge.py --verify."""
+src/sampling.py; a chat (generate.py --chat) carried in the state turn to turn. Used by
+generate.py and merge.py --verify."""
 import codecs
 import dataclasses
 
 import torch
 
 from .bone import load_adapter, read_adapter
+from .chat_template import SEP, chat_prompt, clean_turn, render
 from .family import from_checkpoint
 from .quant import quantize_model
 from .sampling import Sampler, weightless_ids
@@ -45,12 +47,65 @@ def generate(step, prompt_ids, max_tokens, sampler, token_stop=()):
     """Yields up to max_tokens ids: the prompt read once, then each chosen token fed back
     through the state; stops early at an id in token_stop (not yielded)."""
     logits, state = step(list(prompt_ids), None)
+    for token, _ in continuation(step, logits, state, max_tokens, sampler, token_stop):
+        yield token
+
+
+def continuation(step, logits, state, max_tokens, sampler, token_stop=()):
+    """Yields (id, the state after it) for up to max_tokens ids, the first chosen from logits and
+    each fed back through the state; stops early at an id in token_stop (neither yielded nor fed)."""
     for _ in range(max_tokens):
         token = sampler(logits)
         if token in token_stop:
             return
-        yield token
         logits, state = step([token], state)
+        yield token, state
+
+
+class Chat:
+    """A multi-turn chat in RWKV's format (src/chat_template.py) carried in the model's state, as
+    the `rwkv` package's chat demo runs it: each turn reads only its own prompt
+    (`User: msg\n\nAssistant:`), never the history again; a reply ends at the first `\n\n` of
+    its decoded text, and the state carried on is the one after the id that completed it (ids
+    such as `\n\n ` hold more than the separator). `messages` (cleaned turns, a system turn
+    first or none) resume a chat: their rendered text is read once, with the first new prompt."""
+
+    def __init__(self, step, tokenizer, sampler, max_tokens, token_stop=(), messages=()):
+        self.step, self.tokenizer, self.sampler = step, tokenizer, sampler
+        self.max_tokens, self.token_stop = max_tokens, token_stop
+        self.messages = [dict(m) for m in messages]
+        self.pending = render(self.messages)[0]     # text the state has not read yet
+        self.state = None                            # None: the model's own initial state
+
+    def reply(self, message, write=None):
+        """The reply to a user message (its text before the `\n\n`, cleaned as a turn is), streamed
+        raw to write(text) as it comes (leading space included, nothing of the separator). An
+        interrupt leaves the chat as it was before the message."""
+        prompt = self.tokenizer.encode(self.pending + chat_prompt(message))
+        logits, state = self.step(prompt, self.state)
+        self.sampler.reset()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, shown, closed = "", 0, False
+        for token, state in continuation(self.step, logits, state, self.max_tokens, self.sampler, self.token_stop):
+            text += decoder.decode(self.tokenizer.decode_bytes([token]))
+            closed = SEP in text
+            text = text[:text.find(SEP)] if closed else text
+            # A trailing "\n" waits: the next id may make it the separator.
+            ready = len(text) if closed or not text.endswith("\n") else len(text) - 1
+            if write and ready > shown:
+                write(text[shown:ready])
+                shown = ready
+            if closed:
+                break
+        if not closed:      # --max_tokens or a stop id: the turn is closed in the state all the same
+            text += decoder.decode(b"", final=True)
+            if write and len(text) > shown:
+                write(text[shown:])
+            state = self.step(self.tokenizer.encode(SEP), state)[1]
+        self.state, self.pending = state, ""
+        self.messages += [{"role": "user", "content": clean_turn(message)},
+                          {"role": "assistant", "content": clean_turn(text)}]
+        return clean_turn(text)
 
 
 def world_sampler(args, tokenizer, vocab_size=WORLD_VOCAB, generator=None):

@@ -62,6 +62,12 @@ class Sampler:
         self.weight[list(weightless)] = 0.0
         self.ban = list(args.token_ban)
 
+    def reset(self):
+        """Forget the tokens generated so far (a chat's next reply: PIPELINE's chat demo penalises
+        repetition within a reply, not across the conversation)."""
+        self.counts.zero_()
+        self.seen.zero_()
+
     def __call__(self, logits):
         a = self.args
         logits = logits.detach().float().cpu().clone()

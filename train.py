@@ -24,13 +24,21 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")
     a("--proj_dir", default="out", help="where adapters, the resume point, log.csv, loss.png, run.json and train.log go")
-    a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file")
-    a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded")
+    a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file; chat: .jsonl, .json, "
+                                         ".parquet files or directories, comma-separated")
+    a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded | chat | chat_padded")
     a("--text_field", default="text", help="jsonl: the field that holds the text")
     a("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
     a("--sft_template", default=SFT_TEMPLATE,
       help="sft: how a prompt and its response make one document ({prompt} once, then {response} once)")
     a("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
+    a("--loss_on", default="assistant", help="chat: assistant (every reply) | last (each conversation's last reply) | all")
+    a("--chat_field", default="messages,conversations", help="chat: the field that holds a conversation's turns "
+                                                              "(the first of these a record has)")
+    a("--turn_keys", default="role:content,from:value", help="chat: a turn's role key and text key (the first pair "
+                                                              "a turn has)")
+    a("--chat_roles", default="", help="chat: more role names, NAME=system|user|assistant, comma-separated (known: "
+                                       "system, user, human, assistant, gpt)")
     a("--vocab_size", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_layer", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_embd", type=int, default=0, help="accepted only to be checked against the checkpoint")
@@ -128,6 +136,8 @@ def main(argv=None):
 def check_args(args):
     """Every check that needs no model, before anything is loaded: one sentence each."""
     check_state_args(args)
+    from src.data import data_options
+    data_options(args)      # the chat options (--loss_on, --chat_roles, ...) are read here
     for flag, value, least in (("--devices", args.devices, 1), ("--num_nodes", args.num_nodes, 1),
                                ("--micro_bsz", args.micro_bsz, 1), ("--ctx_len", args.ctx_len, 2),
                                ("--accumulate_grad_batches", args.accumulate_grad_batches, 1),
@@ -185,7 +195,7 @@ def run(args, run_dir, console=None):
     noise.silence()
 
     from src import family
-    from src.data import make_dataset
+    from src.data import data_options, make_dataset
     from src.training.callbacks import Checkpointer, LearningRateSchedule, QuantizeBase, TrainLog
     from src.training.rundir import run_adapters
     from src.training.module import RWKVLightning
@@ -210,8 +220,7 @@ def run(args, run_dir, console=None):
         check_quantizable(model, args.quant)    # a dtype or shape bitsandbytes refuses: now, not in the first step
     # The data before run.json is written: bad data is refused with the run directory as it was.
     dataset = make_dataset(args.data_file, args.data_type, ctx_len=args.ctx_len, vocab_size=model.config.vocab_size,
-                           seed=args.seed, text_field=args.text_field, prompt_field=args.prompt_field,
-                           response_field=args.response_field, template=args.sft_template, val_split=args.val_split)
+                           seed=args.seed, val_split=args.val_split, **data_options(args))
     val_dataset = validation_dataset(args, model.config.vocab_size)
     if run_dir is not None:
         print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "

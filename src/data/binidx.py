@@ -61,6 +61,7 @@ class BinIdx:
             raise DataError(f"{prefix}.bin is empty: it holds no tokens.")
         self.check_index(idx, prefix + ".bin", bin_bytes)
         self.tokens = np.memmap(prefix + ".bin", self.dtype, "r")
+        self.mask = None
 
     def check_index(self, idx, bin_path, bin_bytes, chunk=1 << 22):
         """Every sequence of the .idx lies inside the .bin: sizes >= 0, pointers aligned to the

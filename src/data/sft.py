@@ -22,7 +22,7 @@ def read_sft(path, tokenizer, prompt_field, response_field, template):
     """Per document: ids (prompt part, response part, EOD) and mask (1 on response and EOD)."""
     prompt_part, response_part = sft_parts(template)
     docs, masks = [], []
-    for n, (prompt, response), _ in iter_jsonl(path, (prompt_field, response_field)):
+    for n, (prompt, response), _ in iter_jsonl(path, (prompt_field, response_field), ("--prompt_field", "--response_field")):
         if not response.strip():
             raise DataError(f'{path} line {n} has an empty "{response_field}": nothing to learn.')
         p = tokenizer.encode(prompt_part.replace("{prompt}", prompt))

@@ -4,7 +4,7 @@ sum over its share of the windows; the sums are reduced, so the mean is the whol
 import pytorch_lightning as pl
 import torch
 
-from ..data import make_dataset
+from ..data import data_options, make_dataset
 from .callbacks import optimizer_stepped
 from .loss import lm_loss
 
@@ -28,7 +28,7 @@ def validation_dataset(args, vocab_size):
     (the training dataset is built with the same val_split and leaves them out); None without either."""
     if not (args.val_data or args.val_split):
         return None
-    fields = dict(text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field)
+    fields = data_options(args)
     if args.val_split:
         return make_dataset(args.data_file, args.data_type, args.ctx_len, vocab_size, args.seed, **fields,
                             val_split=args.val_split, part="val")

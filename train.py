@@ -19,7 +19,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 
 def parse_args(argv=None):
     from src.cli import ArgumentParser
-    from src.data import SFT_TEMPLATE
+    from src.data import add_data_options
     p = ArgumentParser("train.py", description=__doc__, formatter_class=Formatter)
     a = p.add_argument
     a("--load_model", required=True, help="base RWKV-6 or RWKV-7 .pth (official layout); the family and all sizes are read off it")
@@ -27,18 +27,7 @@ def parse_args(argv=None):
     a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file; chat: .jsonl, .json, "
                                          ".parquet files or directories, comma-separated")
     a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded | chat | chat_padded")
-    a("--text_field", default="text", help="jsonl: the field that holds the text")
-    a("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
-    a("--sft_template", default=SFT_TEMPLATE,
-      help="sft: how a prompt and its response make one document ({prompt} once, then {response} once)")
-    a("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
-    a("--loss_on", default="assistant", help="chat: assistant (every reply) | last (each conversation's last reply) | all")
-    a("--chat_field", default="messages,conversations", help="chat: the field that holds a conversation's turns "
-                                                              "(the first of these a record has)")
-    a("--turn_keys", default="role:content,from:value", help="chat: a turn's role key and text key (the first pair "
-                                                              "a turn has)")
-    a("--chat_roles", default="", help="chat: more role names, NAME=system|user|assistant, comma-separated (known: "
-                                       "system, user, human, assistant, gpt)")
+    add_data_options(a)     # --text_field, --prompt_field, --sft_template, --response_field, the chat options
     a("--vocab_size", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_layer", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_embd", type=int, default=0, help="accepted only to be checked against the checkpoint")

@@ -7,14 +7,15 @@ import os
 import numpy as np
 
 from .binidx import BinIdx, BinIdxWriter, binidx_prefix, write_binidx
-from .chat import LOSS_ON, LOSS_WHAT, ChatFormat, cut_at_turns, read_chat
+from .chat import LOSS_ON, LOSS_WHAT, ChatFormat, cut_at_turns, iter_chat, read_chat
 from .common import EOD, DataError, check_ids
 from .samples import DocumentStream, PaddedDataset, Samples, WindowDataset, held_out, padded_sft
 from .sft import SFT_TEMPLATE, read_sft, sft_parts
 from .text import iter_jsonl
 
 __all__ = ["BinIdx", "BinIdxWriter", "ChatFormat", "DATA_TYPES", "LOSS_ON", "DataError", "DocumentStream", "EOD", "PaddedDataset",
-           "SFT_TEMPLATE", "Samples", "WindowDataset", "binidx_prefix", "check_ids", "data_options", "held_out",
+           "SFT_TEMPLATE", "Samples", "WindowDataset", "binidx_prefix", "add_data_options", "check_ids", "data_options", "documents",
+           "iter_chat", "held_out",
            "iter_jsonl", "make_dataset", "padded_sft", "read_sft", "sft_parts", "write_binidx"]
 
 DATA_TYPES = ("binidx", "jsonl", "sft", "sft_padded", "chat", "chat_padded")
@@ -100,9 +101,54 @@ def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=
     return WindowDataset(tokens, ctx_len, seed, mask, num_samples, summary)
 
 
+def documents(data_file, data_type, tokenizer, *, text_field="text", prompt_field="prompt",
+              response_field="response", template=SFT_TEMPLATE, chat=None):
+    """(where, ids, mask) for each document as training reads it, in file order (what
+    scripts/show_data.py prints): mask[j] = 1 when token j is learnt as a target."""
+    if data_type not in DATA_TYPES:
+        raise DataError(f"data_type must be one of {', '.join(DATA_TYPES)}, not {data_type!r}.")
+    if data_type == "binidx":
+        data = BinIdx(data_file)
+        for i in range(len(data)):
+            start, size = int(data.pointers[i]) // data.dtype.itemsize, int(data.sizes[i])
+            mask = np.ones(size, np.uint8) if data.mask is None else data.mask[start:start + size]
+            yield f"{data.prefix} document {i + 1}", data[i], mask
+    elif data_type == "jsonl":
+        for n, (text,), _ in iter_jsonl(data_file, (text_field,), ("--text_field",)):
+            ids = np.array(tokenizer.encode(text) + [EOD], np.int32)
+            yield f"{data_file} line {n}", ids, np.ones(len(ids), np.uint8)
+    elif data_type.startswith("sft"):
+        docs, masks = read_sft(data_file, tokenizer, prompt_field, response_field, template)
+        for n, (ids, mask) in enumerate(zip(docs, masks), 1):
+            yield f"{data_file} document {n}", ids, mask
+    else:
+        chat = chat or ChatFormat(prompt_field=prompt_field, response_field=response_field)
+        for where, _, ids, mask, _ in iter_chat(data_file, tokenizer, chat):
+            yield where, ids, mask
+
+
+def add_data_options(add, kinds=("jsonl", "sft", "chat")):
+    """The options that say how to read records (train.py, scripts/show_data.py, make_binidx.py
+    --chat): `add` is a parser's add_argument; kinds, which data types' options to add."""
+    if "jsonl" in kinds:
+        add("--text_field", default="text", help="jsonl: the field that holds the text")
+    add("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
+    if "sft" in kinds:
+        add("--sft_template", default=SFT_TEMPLATE,
+            help="sft: how a prompt and its response make one document ({prompt} once, then {response} once)")
+    add("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
+    add("--loss_on", default="assistant", help="chat: assistant (every reply) | last (each conversation's last reply) | all")
+    add("--chat_field", default="messages,conversations", help="chat: the field that holds a conversation's turns "
+                                                                "(the first of these a record has)")
+    add("--turn_keys", default="role:content,from:value", help="chat: a turn's role key and text key (the first pair "
+                                                                "a turn has)")
+    add("--chat_roles", default="", help="chat: more role names, NAME=system|user|assistant, comma-separated (known: "
+                                         "system, user, human, assistant, gpt)")
+
+
 def data_options(args):
     """make_dataset's keyword arguments from train.py's options (train.py and validation share them)."""
     chat = ChatFormat.from_options(args.chat_field, args.turn_keys, args.chat_roles, args.prompt_field,
                                    args.response_field, args.loss_on)
-    return dict(text_field=args.text_field, prompt_field=args.prompt_field, response_field=args.response_field,
-                template=args.sft_template, chat=chat)
+    return dict(text_field=getattr(args, "text_field", "text"), prompt_field=args.prompt_field,
+                response_field=args.response_field, template=getattr(args, "sft_template", SFT_TEMPLATE), chat=chat)

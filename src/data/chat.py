@@ -212,20 +212,28 @@ def saved_dataset(path):
         yield f"{path} row {n}", record
 
 
+def iter_chat(data_file, tokenizer, fmt):
+    """(where, messages, ids, mask, bounds) for each conversation of the files, read as needed."""
+    for path in data_files(data_file):
+        found = False
+        for where, record in records(path, fmt):
+            messages = conversation(record, where, fmt)
+            found = True
+            yield (where, messages, *encode(messages, tokenizer, fmt.loss_on))
+        if not found:
+            raise DataError(f"{path} contains no conversations.")
+
+
 def read_chat(data_file, tokenizer, fmt):
     """(docs, masks, bounds, turns, changed): per conversation its ids, mask and turn bounds (see
     encode), and how many turns there are and how many the template's cleaning changed."""
     docs, masks, bounds, turns, changed = [], [], [], 0, 0
-    for path in data_files(data_file):
-        before = len(docs)
-        for where, record in records(path, fmt):
-            messages = conversation(record, where, fmt)
-            turns += len(messages)
-            changed += sum(clean_turn(m["content"]) != m["content"] for m in messages)
-            for out, x in zip((docs, masks, bounds), encode(messages, tokenizer, fmt.loss_on)):
-                out.append(x)
-        if len(docs) == before:
-            raise DataError(f"{path} contains no conversations.")
+    for _, messages, ids, mask, bound in iter_chat(data_file, tokenizer, fmt):
+        turns += len(messages)
+        changed += sum(clean_turn(m["content"]) != m["content"] for m in messages)
+        docs.append(ids)
+        masks.append(mask)
+        bounds.append(bound)
     return docs, masks, bounds, turns, changed
 
 

@@ -65,13 +65,16 @@ class WindowDataset(Samples):
     def __getstate__(self):
         # A DataLoader worker started by spawn gets the file's name, not a pickled copy of it.
         state = self.__dict__.copy()
-        if isinstance(self.tokens, np.memmap):
-            state["tokens"] = (self.tokens.filename, self.tokens.dtype.str)
+        for key in ("tokens", "mask"):
+            if isinstance(state[key], np.memmap):
+                state[key] = (state[key].filename, state[key].dtype.str, state[key].offset, state[key].shape)
         return state
 
     def __setstate__(self, state):
-        if isinstance(state["tokens"], tuple):
-            state["tokens"] = np.memmap(state["tokens"][0], np.dtype(state["tokens"][1]), "r")
+        for key in ("tokens", "mask"):
+            if isinstance(state[key], tuple):
+                name, dtype, offset, shape = state[key]
+                state[key] = np.memmap(name, np.dtype(dtype), "r", offset, shape)
         self.__dict__.update(state)
 
 

@@ -62,11 +62,12 @@ def conversation(record, where, fmt):
     one sentence naming `where` (file and record) for anything unusable."""
     if not isinstance(record, dict):
         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object holding a conversation.")
-    name = next((f for f in fmt.chat_fields if f in record), None)
+    # (None is an absent field: a parquet or HF datasets row holds every column of its file)
+    name = next((f for f in fmt.chat_fields if record.get(f) is not None), None)
     if name is None:
-        if fmt.prompt_field in record and fmt.response_field in record:
-            turns = [("user", record[fmt.prompt_field], fmt.prompt_field),
-                     ("assistant", record[fmt.response_field], fmt.response_field)]
+        if record.get(fmt.prompt_field) is not None and record.get(fmt.response_field) is not None:
+            turns = [("user", record[fmt.prompt_field], f'"{fmt.prompt_field}"'),
+                     ("assistant", record[fmt.response_field], f'"{fmt.response_field}"')]
         else:
             fields = " or ".join(f'"{f}"' for f in fmt.chat_fields)
             raise DataError(f'{where} has neither a {fields} list of turns nor "{fmt.prompt_field}" and '
@@ -82,7 +83,7 @@ def conversation(record, where, fmt):
                 pairs = " or ".join(f'"{a}" and "{b}"' for a, b in fmt.turn_keys)
                 raise DataError(f'{where}: turn {k} of "{name}" has no {pairs} (other keys: --turn_keys).')
             role = turn[keys[0]]
-            if role not in fmt.roles:
+            if not isinstance(role, str) or role not in fmt.roles:
                 raise DataError(f'{where}: turn {k} has the role {role!r}, which is not system, user or assistant: '
                                 f"name its role with --chat_roles (e.g. --chat_roles {role}=user), or leave such turns out.")
             turns.append((fmt.roles[role], turn[keys[1]], f'turn {k} ("{keys[1]}")'))
@@ -157,7 +158,7 @@ def data_files(data_file):
 def records(path, fmt):
     """(where, record) for each record of one file or save_to_disk directory."""
     if os.path.isdir(path):
-        yield from saved_dataset(path)
+        yield from saved_dataset(path, fmt)
     elif path.endswith(".jsonl"):
         for n, record, _ in iter_json_lines(path):
             yield f"{path} line {n}", record
@@ -176,28 +177,32 @@ def records(path, fmt):
         yield from parquet_rows(path, fmt)
 
 
+def columns(path, names, fmt):
+    """The columns of a table (parquet, HF datasets) that hold conversations; none is one sentence."""
+    pair = [fmt.prompt_field, fmt.response_field]
+    found = [f for f in fmt.chat_fields if f in names] + (pair if set(pair) <= set(names) else [])
+    if not found:
+        wanted = ", ".join(f'"{f}"' for f in fmt.chat_fields)
+        raise DataError(f'{path} has no column {wanted}, nor "{fmt.prompt_field}" and "{fmt.response_field}" '
+                        f"(its columns: {', '.join(sorted(names))}; other names: --chat_field, --prompt_field, "
+                        "--response_field).")
+    return found
+
+
 def parquet_rows(path, fmt):
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:      # pyarrow raises several kinds for a file that is not parquet
         raise DataError(f"{path} is not a readable parquet file ({e}).") from None
-    names = set(pf.schema_arrow.names)
-    columns = [f for f in fmt.chat_fields if f in names][:1] or (
-        [fmt.prompt_field, fmt.response_field] if {fmt.prompt_field, fmt.response_field} <= names else None)
-    if columns is None:
-        wanted = ", ".join(f'"{f}"' for f in fmt.chat_fields)
-        raise DataError(f'{path} has no column {wanted}, nor "{fmt.prompt_field}" and "{fmt.response_field}" '
-                        f"(its columns: {', '.join(sorted(names))}; other names: --chat_field, --prompt_field, "
-                        "--response_field).")
     n = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns):
+    for batch in pf.iter_batches(batch_size=1024, columns=columns(path, pf.schema_arrow.names, fmt)):
         for record in batch.to_pylist():
             n += 1
             yield f"{path} row {n}", record
 
 
-def saved_dataset(path):
+def saved_dataset(path, fmt):
     """Rows of a directory written by HF datasets' save_to_disk (local files only: no hub)."""
     import datasets
     try:
@@ -208,6 +213,7 @@ def saved_dataset(path):
         if "train" not in data and len(data) != 1:
             raise DataError(f"{path} holds the splits {', '.join(data)}: name one, e.g. {os.path.join(path, next(iter(data)))}.")
         data = data["train"] if "train" in data else next(iter(data.values()))
+    data = data.select_columns(columns(path, data.column_names, fmt))
     for n, record in enumerate(data, 1):
         yield f"{path} row {n}", record
 

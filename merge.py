@@ -67,19 +67,25 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     printed = io.StringIO()     # what the merge prints, for <output>.report.txt
+
+    def note(line):     # a note about the inputs (another base let through): on stderr, and in the report
+        print(line, file=sys.stderr)
+        printed.write(line + "\n")
+
     with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
-        ok = merge_to_format(args) if args.format != "pth" else merge_pth(args)
+        ok = merge_to_format(args, note) if args.format != "pth" else merge_pth(args, note)
     write_report(args, argv, printed.getvalue())
     if not ok:
         sys.exit(1)     # --verify FAILed: the merged file and its report stay, for a look
 
 
-def merge_pth(args):
+def merge_pth(args, note):
     start = time.time()
     try:
         report, dtype, why = merge_checkpoint(args.base_model, args.adapter, args.output, dtype=args.dtype,
                                   safe_merge=args.safe_merge, device=args.device, overwrite=args.overwrite,
-                                  progress=not args.quiet, quant=args.quant, allow_other_base=args.allow_other_base)
+                                  progress=not args.quiet, quant=args.quant, allow_other_base=args.allow_other_base,
+                                  note=note)
     except (CheckpointError, AdapterError, MergeError, QuantError) as e:
         sys.exit(f"merge.py: {sentence(e, model_flag='--base_model')}")
     size = os.path.getsize(args.output)
@@ -105,7 +111,7 @@ def report_merge(args, report, dtype, why, merged):
     return True
 
 
-def merge_to_format(args):
+def merge_to_format(args, note):
     """merge.py --format X: merge into a temporary .pth beside --output (a temporary's name, so that
     a killed run's is removed by the next), export it, remove it."""
     start = time.time()
@@ -124,7 +130,7 @@ def merge_to_format(args):
                                                   safe_merge=args.safe_merge, device=args.device, overwrite=True,
                                                   progress=not args.quiet, quant=args.quant,
                                                   allow_other_base=args.allow_other_base,
-                                                  state_output=state_beside(args.output))
+                                                  state_output=state_beside(args.output), note=note)
             if not report_merge(args, report, dtype, why, merged):
                 sys.exit(1)     # --verify FAILed: nothing is exported
             size, line = export_model(merged, args.format, args.output, overwrite=args.overwrite,

@@ -198,7 +198,7 @@ def choose_dtype(base_sd, plan, mode, round_keys, quant, dev):
 
 
 def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, device="cpu", overwrite=False,
-                     progress=True, quant="none", allow_other_base=False, state_output=None):
+                     progress=True, quant="none", allow_other_base=False, state_output=None, note=None):
     """Merge `adapter` (a path or a state dict) into the checkpoint at `base` and write the
     official-layout result to `output`, atomically. dtype: "auto" (choose_dtype), "same" (each
     tensor keeps the base's dtype), "bf16", "fp16" or "fp32". quant: "none" (the base as stored) or the quantization the
@@ -211,16 +211,17 @@ def merge_checkpoint(base, adapter, output, dtype="auto", safe_merge=True, devic
     A trained initial state (state tuning) goes, for RWKV-6, into the merged file as
     blocks.{i}.att.time_state (fp32), where the `rwkv` package and ChatRWKV start every sequence from
     it; RWKV-7 files keep the official layout (the package ignores such keys there), so the state is
-    written to `state_output` (default OUTPUT-state.pth), a state file RWKV-Runner loads."""
+    written to `state_output` (default OUTPUT-state.pth), a state file RWKV-Runner loads. `note(line)`
+    says a note about the inputs (another base let through, no fingerprint); default: on stderr."""
     if dtype not in OUTPUT_DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
     dev = _device(device)
     clean_stale_temporaries(output, say=lambda m: print(f"merge: {m}", file=sys.stderr))
     base_sd, config = load_checkpoint(base, mmap=True)
     mode, plan = plan_merge(OrderedDict((k, tuple(v.shape)) for k, v in base_sd.items()), config.fingerprint(), adapter)
-    note = check_base(adapter, base_sd, config, base, allow_other_base)
-    if note:
-        print(f"merge: {note}", file=sys.stderr)
+    said = check_base(adapter, base_sd, config, base, allow_other_base)
+    if said:
+        (note or (lambda line: print(line, file=sys.stderr)))(f"merge: {said}")
     states = OrderedDict((k, c[1]) for k, c in plan.items() if c[0] == "state")
     state_output = None if not states or config.family == "x060" else state_output or state_beside(output)
     if state_output is not None and os.path.lexists(state_output) and not overwrite:

@@ -21,8 +21,9 @@ import merge
 import train
 from src.training.callbacks import loss_figure
 from src.training.rundir import RunDir, run_adapters
-from tests.test_merge import snapshot
+from tests.test_merge import make_pair, snapshot
 from tests.test_train import ROOT, free_port, make_setup
+from tests.tiny import save_random_checkpoint
 
 STEPS = 8      # steps per epoch; the run is killed after epoch 1 of 2, then resumed to 3 epochs
 
@@ -217,3 +218,18 @@ def test_merge_report_beside_the_output(run, tmp_path, capsys):
     code, printed = run_merge(argv[:argv.index("--output") + 1] + [st, "--format", "st", "--quiet"], capsys)
     assert code is None and sorted(os.listdir(tmp_path)) == ["m.st", "m.st.report.txt"]
     assert open(st + ".report.txt").read().endswith(printed) and f"wrote {st}" in printed
+
+
+@pytest.mark.parametrize("fmt", ["pth", "st"])
+def test_the_report_keeps_the_note_that_the_base_is_another(tmp_path, capsys, fmt):
+    """--allow_other_base: the note that the base is not the adapter's goes to the terminal (stderr)
+    and into OUTPUT.report.txt, which is what is left to read later."""
+    _, adapter = make_pair(tmp_path, "small", "bone", 16)
+    other, _, _ = save_random_checkpoint(str(tmp_path), "small", seed=5)
+    output = str(tmp_path / f"o.{fmt}")
+    merge.main(["--base_model", other, "--adapter", str(adapter), "--output", output, "--format", fmt, "--quiet",
+                "--allow_other_base"])
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if line.startswith("merge: note: ")]
+    assert len(note) == 1 and "is not the base model" in note[0] and "applying the adapter to it anyway" in note[0], err
+    assert note[0] in open(output + ".report.txt").read().splitlines()

@@ -265,6 +265,10 @@ def run(args, run_dir, console=None):
         print(f"done: {log.rows[-1]['step']} steps, final loss {float(log.rows[-1]['loss']):.4g}; last adapter {last}\n"
               f"merge it with: python merge.py --base_model {shlex.quote(args.load_model)} --adapter {shlex.quote(last)} "
               f"--output {shlex.quote(merged_name(last))}", flush=True)
+        if "state" in bone.adapter_meta(model)["train_parts"]:     # the state file RWKV-Runner loads beside the base
+            from src.state_file import state_beside
+            print(f"or export its state (RWKV-Runner, the rwkv package) with: python export.py --adapter "
+                  f"{shlex.quote(last)} --format state --output {shlex.quote(state_beside(last))}", flush=True)
 
 
 def merged_name(adapter, fmt="pth"):
@@ -436,8 +440,9 @@ def describe(model, args, bone):
     what = f"{meta['mode']} r={'/'.join(map(str, rs))} on {', '.join(kinds)}" if kinds else "no adapter"
     parts = f", training {', '.join(meta['train_parts'])}" if meta["train_parts"] else ""
     if "state" in meta["train_parts"]:     # state tuning: each layer's initial WKV state; its learning rate
-        what = what if kinds else "state tuning (each layer's initial WKV state; every weight frozen)"
         others = [p for p in meta["train_parts"] if p != "state"]
+        frozen = f"every weight but {', '.join(others)} frozen" if others else "every weight frozen"
+        what = what if kinds else f"state tuning (each layer's initial WKV state; {frozen})"
         parts = (f", training {', '.join(others)}" if others else "") + f"; {lr_line(args)}"
     return what + parts + (f", base held {args.quant}" if args.quant != "none" else "")
 

@@ -27,7 +27,7 @@ def main(out_dir, family="x060"):
     os.makedirs(out_dir, exist_ok=True)
     base, data = os.path.join(out_dir, "base.pth"), os.path.join(out_dir, "stories")
     if not os.path.exists(base):
-        print(f"making the demo base model {base} ({family})")
+        print(f"making the demo base model {base} ({family})", flush=True)    # before the wait, and before make_binidx's lines
         make_checkpoint(base, vocab_size=65536, n_embd=256, n_layer=4, head_size=64, seed=0, family=family)
     if not os.path.exists(data + ".idx"):
         rng = random.Random(0)
@@ -38,7 +38,6 @@ def main(out_dir, family="x060"):
         os.replace(jsonl + ".tmp", jsonl)
         subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_binidx.py"), jsonl, data,
                         "--overwrite"], check=True)
-    print(base)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 # setting below can be overridden from the environment (MODEL=... DATA=... sh scripts/run_bone.sh);
 # extra arguments go to train.py. Relative paths are read from where you stand. With no MODEL it
 # runs the demo: a small base model and generated stories, made once in the repository's out/demo
-# (MODEL_FAMILY=x070: an RWKV-7 base, in out/demo-x070), fine-tuned on whatever this machine has.
+# (MODEL_FAMILY=x070: an RWKV-7 base, in out/demo-x070), fine-tuned on whatever this machine has
+# with Bone in DEMO/run (PEFT=lora: LoRA, in DEMO/run-lora; PEFT=state: the initial state alone,
+# in DEMO/run-state).
 set -e
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # A misspelled setting (EPOCH_STEP=2) would be ignored silently: refuse it before any work.
@@ -16,17 +18,22 @@ if [ -z "$MODEL" ]; then
         x070) DEMO_DIR=$ROOT/out/demo-x070 ;;
         *) echo "run_bone.sh: MODEL_FAMILY must be x060 (RWKV-6) or x070 (RWKV-7), not $MODEL_FAMILY." >&2; exit 2 ;;
     esac
-    MODEL=$(python "$ROOT/scripts/make_demo.py" "$DEMO_DIR" --family "${MODEL_FAMILY:-x060}" | tail -n 1)
+    python "$ROOT/scripts/make_demo.py" "$DEMO_DIR" --family "${MODEL_FAMILY:-x060}"
+    MODEL=$DEMO_DIR/base.pth
     DATA=${DATA:-$DEMO_DIR/stories}
     if [ -z "$PROJ_DIR" ]; then
-        # The demo's own run directory. Nothing in it is deleted unless this command says --overwrite:
-        # an interrupted demo run is resumed; a finished one (or one with no resume point) is refused.
-        PROJ_DIR=$DEMO_DIR/run
+        # The demo's own run directory, one a PEFT (so that each keeps its result). Nothing in it is deleted
+        # unless this command says --overwrite: an interrupted demo run is resumed; a finished one (or one
+        # with no resume point) is refused.
+        case "${PEFT:-bone}" in
+            bone) PROJ_DIR=$DEMO_DIR/run ;;
+            *) PROJ_DIR=$DEMO_DIR/run-$PEFT ;;
+        esac
         case " $* " in
             *" --resume "* | *" --overwrite "*) ;;
             *)
                 STATE=$(cd "$ROOT" && python -m src.training.rundir "$PROJ_DIR")
-                AGAIN="${MODEL_FAMILY:+MODEL_FAMILY=$MODEL_FAMILY }sh $0 --overwrite${*:+ $*}"
+                AGAIN="${MODEL_FAMILY:+MODEL_FAMILY=$MODEL_FAMILY }${PEFT:+PEFT=$PEFT }sh $0 --overwrite${*:+ $*}"
                 case "$STATE" in
                     resumable*) echo "run_bone.sh: resuming the interrupted demo run in $PROJ_DIR from step ${STATE#* }" \
                                      "(to start it anew instead, deleting it: $AGAIN)"
@@ -42,12 +49,22 @@ if [ -z "$MODEL" ]; then
     MICRO_BSZ=${MICRO_BSZ:-8}
     EPOCH_STEPS=${EPOCH_STEPS:-20}
     EPOCH_COUNT=${EPOCH_COUNT:-3}
-    LR_INIT=${LR_INIT:-3e-3}
-    LR_FINAL=${LR_FINAL:-1e-3}
     WARMUP_STEPS=${WARMUP_STEPS:-5}
-    BONE_R=${BONE_R:-32}
-    TRAIN_PARTS=${TRAIN_PARTS:-ln,time}
     STRATEGY=${STRATEGY:-deepspeed_stage_2}
+    case "${PEFT:-bone}" in
+        # The state alone, at train.py's state learning rate (1 -> 0.01: a state's values are of order 1);
+        # no adapter flag, no other part (--peft state refuses adapter flags).
+        state) ;;
+        # LoRA and Bone: an adapter of 32 with the layer norms and time-mix vectors, at a rate a random
+        # base moves at in 60 steps. LoRA's alpha = 2 r, as train.py's defaults (8, 16).
+        lora) LORA_R=${LORA_R:-32}; LORA_ALPHA=${LORA_ALPHA:-64} ;;
+        *) BONE_R=${BONE_R:-32} ;;
+    esac
+    if [ "${PEFT:-bone}" != state ]; then
+        LR_INIT=${LR_INIT:-3e-3}
+        LR_FINAL=${LR_FINAL:-1e-3}
+        TRAIN_PARTS=${TRAIN_PARTS:-ln,time}
+    fi
 fi
 : "${DATA:?set DATA to a binidx prefix or a .jsonl file}"
 

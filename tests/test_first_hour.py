@@ -5,6 +5,7 @@ do (exit != 0, no traceback, nothing lost, nothing left behind)."""
 import ast
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from src.merging import Survival, format_report
 from tests.test_generate import PROMPT, run_generate, world  # noqa: F401 (world is a fixture)
 from tests.test_merge import pair, run_merge  # noqa: F401 (pair is a fixture)
 from tests.test_no_surprises import args as train_args, killed_on_failure, refused, snapshot, wait_for
-from tests.test_train import ROOT, losses, setup  # noqa: F401 (setup is a fixture)
+from tests.test_train import ROOT, losses, setup, setup7  # noqa: F401 (setup, setup7 are fixtures)
 from tests.tiny import save_random_checkpoint
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -31,17 +32,17 @@ import check_settings  # noqa: E402
 # --- 1. the demo deletes nothing it was not asked to ------------------------------------------------
 
 @pytest.fixture
-def demo_root(setup, tmp_path):
+def demo_root(setup, setup7, tmp_path):
     """A copy of the repository's layout whose out/demo (and out/demo-x070) already holds a tiny
-    base and data, so that scripts/run_bone.sh's demo runs in seconds and in tmp_path only."""
-    d, model = setup
+    RWKV-6 (RWKV-7) base and data, so that scripts/run_bone.sh's demo runs in seconds and in
+    tmp_path only."""
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
-    for name in ("train.py", "src"):
+    for name in ("train.py", "merge.py", "export.py", "src"):
         os.symlink(os.path.join(ROOT, name), root / name)
     for name in os.listdir(os.path.join(ROOT, "scripts")):
         os.symlink(os.path.join(ROOT, "scripts", name), root / "scripts" / name)
-    for demo in ("demo", "demo-x070"):
+    for demo, (d, model) in (("demo", setup), ("demo-x070", setup7)):
         (root / "out" / demo).mkdir(parents=True)
         os.symlink(model, root / "out" / demo / "base.pth")
         for ext in ("bin", "idx"):
@@ -50,8 +51,10 @@ def demo_root(setup, tmp_path):
 
 
 def run_demo(root, *extra, wait=True, **env):
-    env = {**os.environ, "CTX_LEN": "32", "MICRO_BSZ": "2", "BONE_R": "16", "ACCELERATOR": "cpu",
-           "SAVE_EVERY_MINUTES": "0", **env}
+    # A smaller Bone than the demo's (BONE_R is an adapter flag, which PEFT=lora ignores and PEFT=state refuses).
+    small = {"BONE_R": "16"} if env.get("PEFT", "bone") == "bone" else {}
+    env = {**os.environ, "CTX_LEN": "32", "MICRO_BSZ": "2", "ACCELERATOR": "cpu", "SAVE_EVERY_MINUTES": "0", **small,
+           **env}
     cmd = ["sh", str(root / "scripts" / "run_bone.sh"), *extra]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)     # its own process group: Ctrl-C reaches sh and train.py
@@ -99,6 +102,70 @@ def test_rerunning_the_demo_resumes_an_interrupted_run_and_refuses_to_delete_a_f
                                  f"start it anew, deleting it, run: MODEL_FAMILY=x070 sh {demo_root}/scripts/"
                                  "run_bone.sh --overwrite --val_split 0.1\n"), err
     assert os.listdir(stopped) == ["log.csv"]
+
+
+@pytest.mark.parametrize("family", ["x060", "x070"])
+@pytest.mark.parametrize("peft", ["state", "lora"])
+def test_the_demo_with_peft_state_or_lora(demo_root, family, peft):
+    """PEFT=state trains each layer's initial state alone, at a state's learning rate; PEFT=lora
+    trains LoRA (r 32, the layer norms and time-mix vectors); each in its own run directory, which
+    merge_bone.sh with the same PEFT merges and verifies. A state run's summary also gives the
+    command that exports the state file, and it writes what RWKV-Runner loads. (Two steps each.)
+    And the line make_demo.py prints while it makes the base reaches the terminal."""
+    from src.bone import read_adapter
+    demo = demo_root / "out" / ("demo" if family == "x060" else "demo-x070")
+    # No base yet: make_demo.py makes it (here a copy of the tiny one), and its line is shown, not swallowed.
+    tiny = os.readlink(demo / "base.pth")
+    os.remove(demo / "base.pth")
+    os.remove(demo_root / "scripts" / "make_demo.py")
+    (demo_root / "scripts" / "make_demo.py").write_text(
+        f"import runpy, shutil, sys\nsys.path.insert(0, {ROOT!r})\nimport src.checkpoint\n"
+        f"src.checkpoint.make_checkpoint = lambda path, **config: shutil.copy({tiny!r}, path)\n"
+        f"runpy.run_path({os.path.join(ROOT, 'scripts', 'make_demo.py')!r}, run_name='__main__')\n")
+    code, out, err = run_demo(demo_root, MODEL_FAMILY=family, PEFT=peft, EPOCH_STEPS="2", EPOCH_COUNT="1")
+    assert code == 0, (out + err)[-3000:]
+    assert out.startswith(f"making the demo base model {demo / 'base.pth'} ({family})\n"), out
+    adapter = demo / f"run-{peft}" / "adapter-0000002.pth"
+    assert "demo: loss " in out and not os.path.exists(demo / "run")
+    sd, meta, _ = read_adapter(str(adapter), mmap=False)
+    if peft == "state":
+        assert ("train.py: state tuning (each layer's initial WKV state; every weight frozen); lr 1 -> 0.01 (state "
+                "tuning's default") in out, out
+        assert meta["train_parts"] == ["state"]
+        export_line = out.split("or export its state (RWKV-Runner, the rwkv package) with: ", 1)[1].splitlines()[0]
+        argv = shlex.split(export_line)
+        assert argv[:2] == ["python", "export.py"]
+        export.main(argv[2:])
+        exported = torch.load(argv[argv.index("--output") + 1], weights_only=True)
+        names = [f"blocks.{i}.att.time_state" for i in range(2)]     # the tiny bases' two layers, as RWKV-Runner reads them
+        assert sorted(k for k in sd if k != "__bone_meta__") == names
+        assert all(torch.equal(exported[k].float(), sd[k].float()) for k in names)
+    else:
+        assert "train.py: lora r=32 on " in out and meta["mode"] == "lora", out
+        assert sorted(meta["train_parts"]) == ["ln", "time"]
+
+    p = subprocess.run(["sh", str(demo_root / "scripts" / "merge_bone.sh")], cwd=demo_root, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "MODEL_FAMILY": family, "PEFT": peft})
+    assert p.returncode == 0 and "verify: PASS" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    merged = demo / f"run-{peft}" / "adapter-0000002-merged.pth"
+    if peft == "state":     # RWKV-6: the state in the merged file; RWKV-7: beside it (src/merging.py)
+        holds = any(k.endswith("time_state") for k in torch.load(merged, weights_only=True, mmap=True))
+        assert holds == (family == "x060")
+        assert os.path.exists(demo / f"run-{peft}" / "adapter-0000002-merged-state.pth") == (family == "x070")
+
+
+def test_state_tuning_beside_other_parts_says_what_is_frozen(setup):
+    """--peft state --train_parts ln: the start-up line names ln as trained, not "every weight frozen"."""
+    from src import bone
+    from src.family import from_checkpoint
+    d, model = setup
+    a = train.parse_args(["--load_model", model, "--data_file", str(d / "data"), "--peft", "state", "--train_parts", "ln"])
+    train.check_state_args(a)
+    m = from_checkpoint(model, op="cpu")
+    train.apply_peft(m, a, bone)
+    assert train.describe(m, a, bone) == ("state tuning (each layer's initial WKV state; every weight but ln frozen), "
+                                          "training ln; the state at lr 1, the rest at 2e-05, on one schedule "
+                                          "(--lr_state's default)")
 
 
 # --- 2. --temperature 0 is plain greedy -------------------------------------------------------------

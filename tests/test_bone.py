@@ -65,6 +65,7 @@ CASES = {"bone": [(64, 96, 16), (100, 72, 16), (10, 24, 16), (48, 50, 16)],
 
 
 @pytest.mark.parametrize("mode,shape", [(m, s) for m, cases in CASES.items() for s in cases])
+@pytest.mark.numerical
 def test_forward_equals_forward_with_merged_weight(mode, shape):
     in_f, out_f, r = shape
     layer = layer_with_random_adapter(mode, in_f, out_f, r)
@@ -76,6 +77,7 @@ def test_forward_equals_forward_with_merged_weight(mode, shape):
     assert (layer(x) - F.linear(x, layer.weight)).abs().max() > 1e-3   # the adapter does something
 
 
+@pytest.mark.numerical
 def test_bone_weight_update_is_bone_tiled_along_the_input_axis():
     """dW[o, i] = bone[i mod r, o], written out element by element (REFERENCE.md 5)."""
     layer = layer_with_random_adapter("bone", 11, 5, 4)
@@ -84,6 +86,7 @@ def test_bone_weight_update_is_bone_tiled_along_the_input_axis():
     assert torch.allclose(dW, expected, rtol=0, atol=1e-15)
 
 
+@pytest.mark.numerical
 def test_bat_weight_update_follows_the_block_formula():
     """dW[a, b] = W[a, b] @ B_b + B_b with B indexed by the input block b, block by block."""
     r = 4
@@ -98,6 +101,7 @@ def test_bat_weight_update_follows_the_block_formula():
 
 @pytest.mark.parametrize("mode,shape", [("bone", (21, 7, 4)), ("bone", (3, 5, 4)), ("bone", (16, 6, 8)),
                                         ("bat", (8, 12, 4)), ("lora", (9, 6, 3))])
+@pytest.mark.numerical
 def test_gradients_match_finite_differences(mode, shape):
     in_f, out_f, r = shape
     layer = layer_with_random_adapter(mode, in_f, out_f, r)
@@ -114,6 +118,7 @@ def test_gradients_match_finite_differences(mode, shape):
 
 
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_model_gradients_of_adapters_match_finite_differences(mode, monkeypatch):
     """Whole tiny model, float64 (with the float64 reference WKV6, as the fast CPU op computes in
     fp32): the directional derivative along a random direction in the space of all trainable
@@ -202,6 +207,7 @@ def test_adapter_params_are_fp32_for_a_bf16_base_and_forward_runs_in_bf16():
 
 
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_autocast_computes_in_its_dtype_and_gradients_reach_fp32_adapters(mode):
     layer = LAYER[mode](nn.Linear(32, 24, bias=False).requires_grad_(False), 8)
     with torch.no_grad():
@@ -217,6 +223,7 @@ def test_autocast_computes_in_its_dtype_and_gradients_reach_fp32_adapters(mode):
                for p in layer.adapter_tensors().values())
 
 
+@pytest.mark.numerical
 def test_merge_is_computed_in_fp32_and_cast_once():
     """REFERENCE.md 6: in bf16 a 1e-4 update to 2e-2 weights is mostly lost; merge in fp32."""
     g = gen(3)
@@ -383,6 +390,7 @@ def test_legacy_json_config_and_its_bone_load(tmp_path):
 # Zero init, merge, unload
 
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_zero_adapter_leaves_logits_unchanged(mode):
     model = make_model(dtype=torch.float32)
     idx = tokens()
@@ -395,6 +403,7 @@ def test_zero_adapter_leaves_logits_unchanged(mode):
 
 
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_merge_and_unload_gives_the_adapted_logits_and_an_official_state_dict(mode):
     model = make_model()
     apply_adapters(model, BoneConfig(r=32 if mode == "bat" else 24, mode=mode, lora_alpha=12 if mode == "lora" else None,

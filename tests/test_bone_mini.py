@@ -16,6 +16,8 @@ from tests.tiny import SHAPES, randomize
 peft = require("peft", "pip install -r requirements-test.txt (README, Set up)")
 from peft.tuners.miss import MissConfig, MissLinear  # noqa: E402
 
+pytestmark = pytest.mark.numerical
+
 
 def pair(in_f, out_f, r, mini_r=None, seed=0):
     """(ours, PEFT's) on the same fp64 weight, holding the same random adapter tensor."""

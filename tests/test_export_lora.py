@@ -64,6 +64,7 @@ def gguf_arrays(path):
     return fields, {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
 
 
+@pytest.mark.numerical
 def test_the_file_is_what_llama_cpp_reads_and_b_a_is_the_merges_update(world):
     fields, arrays = gguf_arrays(world["lora.gguf"])
     fam = "rwkv7" if world["case"].endswith("x070") else "rwkv6"
@@ -90,7 +91,12 @@ def test_the_file_is_what_llama_cpp_reads_and_b_a_is_the_merges_update(world):
             assert set(a.unique().tolist()) == {0.0, 1.0}      # the tiled identity
         want = merged_exact(w, adapter, mode, scaling) - w
         got = (alpha / r) * (b @ a)
-        assert (got - want).abs().max() <= 1e-15 * want.abs().max(), name
+        # Both sides in float64. `want` rounds once at |W + dW| (the add) and the subtraction of W is
+        # then exact; a sum of r products (B A, ours and the file's, in whatever order the BLAS takes)
+        # is off by at most r eps sum|b||a|; the scalings add a rounding each. So each element is within
+        # (r + 4) eps (|W| + |s| |B| |A|): a bound from the arithmetic, not from one BLAS code path.
+        bound = (r + 4) * torch.finfo(torch.float64).eps * (w.abs() + (alpha / r) * (b.abs() @ a.abs()))
+        assert ((got - want).abs() <= bound).all(), name
 
 
 def llama_run(path, lora=None, n_tokens=0):

@@ -50,6 +50,7 @@ def runtime_greedy(path, ids, n):
     return out
 
 
+@pytest.mark.numerical
 def test_greedy_on_base_and_adapter_is_greedy_on_the_merged_file_in_the_rwkv_runtime(world, capsys):
     base, adapter, merged = world
     tokenizer = world_tokenizer()
@@ -68,6 +69,7 @@ def test_greedy_on_base_and_adapter_is_greedy_on_the_merged_file_in_the_rwkv_run
     assert plain != out
 
 
+@pytest.mark.numerical
 def test_rwkv7_greedy_is_the_rwkv_package_greedy_on_the_merged_file(tmp_path, capsys):
     """The same for an x070 base + adapter: generate.py's greedy text is the `rwkv` package's
     (RWKV_V7_ON=1, its own process) greedy continuation of the fp32-merged file."""
@@ -87,6 +89,7 @@ def test_rwkv7_greedy_is_the_rwkv_package_greedy_on_the_merged_file(tmp_path, ca
 
 
 @pytest.mark.parametrize("presence, frequency, decay", [(0.2, 0.2, 0.996), (0.05, 0.3, 0.7)])
+@pytest.mark.numerical
 def test_penalties_are_pipeline_generates(presence, frequency, decay):
     """Greedy choice under PIPELINE's repetition penalties: PIPELINE.generate itself (temperature 0
     is its greedy) and ours pick the same 300 tokens from the same scripted logits, near-ties
@@ -128,6 +131,7 @@ LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.2, 0.0, -0.5, -1.0, -2.0, -3.0])
 @pytest.mark.parametrize("temperature, top_p, top_k, support", [
     (1.0, 0.85, 0, 5), (1.0, 0.5, 0, 2), (1.0, 1.0, 0, 10), (1.0, 1.0, 3, 3), (1.0, 0.5, 3, 2), (0.7, 0.9, 4, 4),
     (1.5, 0.0, 0, 1)])
+@pytest.mark.numerical
 def test_top_p_and_top_k_restrict_the_support_as_pipeline_does(temperature, top_p, top_k, support):
     from rwkv.utils import PIPELINE
     probs = distribution(LOGITS, temperature, top_p, top_k)

@@ -19,6 +19,8 @@ from src.family import from_state_dict
 from src.training.loss import lm_loss, masked_lm_loss
 from tests.tiny import ALL, randomize, random_state_dict
 
+pytestmark = pytest.mark.numerical
+
 T = 64
 
 

@@ -7,6 +7,8 @@ from src.model import RWKV6
 from src.ops.wkv6_reference import wkv6_reference
 from tests.tiny import SHAPES, random_state_dict
 
+pytestmark = pytest.mark.numerical
+
 
 def grads(model, tokens):
     model.zero_grad()

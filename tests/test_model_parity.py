@@ -5,6 +5,8 @@ import torch
 from src.model import RWKV6
 from tests.tiny import SHAPES, rwkv_runtime, save_random_checkpoint
 
+pytestmark = pytest.mark.numerical
+
 TOL = 1e-4
 
 

@@ -11,6 +11,8 @@ from src.model_x070 import RWKV7
 from src.rwkv_package import run_rwkv_package
 from tests.tiny import SHAPES7, random_state_dict, save_random_checkpoint
 
+pytestmark = pytest.mark.numerical
+
 TOL = 1e-4     # relative to the largest logit
 
 

@@ -51,6 +51,7 @@ def code_table_roundtrip(w, quant):
 
 @pytest.mark.parametrize("quant", ["nf4", "fp4"])
 @pytest.mark.parametrize("shape", [(300, 96), (7, 64 * 3), (128, 200)])
+@pytest.mark.numerical
 def test_dequantize_equals_the_code_table(quant, shape):
     """Our dequantize (and the flat bitsandbytes round trip the tests use) equal a decoding of
     bitsandbytes' packed bytes by hand, also where the width is not a multiple of the 64-value
@@ -89,6 +90,7 @@ def fwd_bwd(model, idx):
 
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_the_quantized_model_computes_with_bitsandbytes_rounded_weights(quant, mode):
     """Logits and adapter gradients equal those of a model whose frozen matrices were replaced by
     bitsandbytes' own dequantize(quantize(W)); only fp32 rounding may differ."""
@@ -105,6 +107,7 @@ def test_the_quantized_model_computes_with_bitsandbytes_rounded_weights(quant, m
 
 
 @pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.numerical
 def test_logits_move_by_no_more_than_the_quantization_error(quant):
     """The relative logit error of the quantized model is at most twice the relative weight error
     of the quantization (measured with bitsandbytes over the quantized matrices; measured on these
@@ -246,6 +249,7 @@ def delta(mode, w, a, key):
 
 
 @pytest.mark.parametrize("mode", ["bone", "bat", "lora"])
+@pytest.mark.numerical
 def test_merge_quant_nf4_is_the_rounded_base_plus_the_update(tmp_path, mode):
     base, adapter, base_sd, a = trained_pair(tmp_path, mode)
     for quant in ("nf4", "none"):

@@ -65,6 +65,7 @@ def reference_ops(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["x060", "x070"])
+@pytest.mark.numerical
 def test_state_gradient_is_the_float64_reference_and_finite_differences(family, monkeypatch):
     shape = FAMILY_SHAPES[family]
     idx = tokens(shape)
@@ -98,6 +99,7 @@ def test_state_gradient_is_the_float64_reference_and_finite_differences(family, 
 
 @pytest.mark.parametrize("family", ["x060", "x070"])
 @pytest.mark.parametrize("grad_cp", [False, True])
+@pytest.mark.numerical
 def test_chunked_state_gradient_is_the_plain_pass(family, grad_cp):
     """--chunk_ctx: the state enters the first piece only; later pieces start from the carried state."""
     shape = FAMILY_SHAPES[family]
@@ -111,6 +113,7 @@ def test_chunked_state_gradient_is_the_plain_pass(family, grad_cp):
             assert (chunked[n] - plain[n]).abs().max() <= 1e-10 * plain[n].abs().max(), (chunk, n)
 
 
+@pytest.mark.numerical
 def test_a_zero_state_is_the_base_and_the_state_starts_each_sequence_once():
     shape = "deep"
     idx = tokens(shape, T=24)
@@ -135,6 +138,7 @@ def package_state_logits(family, model_path, ids, states=None):
 
 
 @pytest.mark.parametrize("family", ["x060", "x070"])
+@pytest.mark.numerical
 def test_the_layout_is_the_rwkv_package_s_and_a_transposed_state_is_caught(family, tmp_path):
     """x060: the package reads time_state from the model file and transposes it (1, 2); x070: it takes the
     state file's tensors as the initial state as they are. Our model on the same tensors gives its logits;

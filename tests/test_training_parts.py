@@ -24,6 +24,7 @@ def test_warmup_then_each_schedule():
         learning_rate(0, schedule="linear", **kw)
 
 
+@pytest.mark.numerical
 def test_masked_loss_is_the_mean_over_unmasked_positions():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
@@ -34,6 +35,7 @@ def test_masked_loss_is_the_mean_over_unmasked_positions():
     assert masked_lm_loss(logits, targets, None).item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-6)
 
 
+@pytest.mark.numerical
 def test_l2wrap_adds_the_max_logit_term_to_the_gradient():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)

@@ -8,6 +8,8 @@ from src.ops import wkv6
 from src.ops.wkv6_cpu import wkv6_cpu
 from src.ops.wkv6_reference import wkv6_reference
 
+pytestmark = pytest.mark.numerical
+
 NAMES = ("y", "state", "r", "k", "v", "w", "u", "state0")
 FP32_EPS = torch.finfo(torch.float32).eps
 

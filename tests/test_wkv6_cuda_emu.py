@@ -10,8 +10,8 @@ from src.ops.wkv6_reference import wkv6_reference
 from tests import wkv6_cuda_fixture as fixture
 from tests.wkv6_cuda_cases import assert_close, build_emulation, make_case, reference, relative_errors, run
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None,
-                                reason="building the CPU emulation of the kernel needs c++ and ninja")
+pytestmark = [pytest.mark.numerical, pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None,
+                                reason="building the CPU emulation of the kernel needs c++ and ninja")]
 
 
 @pytest.fixture(scope="session")

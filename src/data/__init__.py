@@ -129,19 +129,21 @@ def documents(data_file, data_type, tokenizer, *, text_field="text", prompt_fiel
 
 def add_data_options(add, kinds=("jsonl", "sft", "chat")):
     """The options that say how to read records (train.py, scripts/show_data.py, make_binidx.py
-    --chat): `add` is a parser's add_argument; kinds, which data types' options to add."""
+    --chat): `add` is a parser's add_argument; kinds, which data types' options to add. Each help
+    names its default (so parsers without ArgumentDefaultsHelpFormatter show it too)."""
     if "jsonl" in kinds:
-        add("--text_field", default="text", help="jsonl: the field that holds the text")
-    add("--prompt_field", default="prompt", help="sft: the field that holds the prompt")
+        add("--text_field", default="text", help="jsonl: the field that holds the text (default: %(default)s)")
+    add("--prompt_field", default="prompt", help="sft: the field that holds the prompt (default: %(default)s)")
     if "sft" in kinds:
         add("--sft_template", default=SFT_TEMPLATE,
-            help="sft: how a prompt and its response make one document ({prompt} once, then {response} once)")
-    add("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only)")
-    add("--loss_on", default="assistant", help="chat: assistant (every reply) | last (each conversation's last reply) | all")
+            help="sft: how a prompt and its response make one document ({prompt} once, then {response} once; "
+                 "default: %(default)r)")
+    add("--response_field", default="response", help="sft: the field that holds the response (the loss is on it only) (default: %(default)s)")
+    add("--loss_on", default="assistant", help="chat: assistant (every reply) | last (each conversation's last reply) | all (default: %(default)s)")
     add("--chat_field", default="messages,conversations", help="chat: the field that holds a conversation's turns "
-                                                                "(the first of these a record has)")
+                                                                "(the first of these a record has) (default: %(default)s)")
     add("--turn_keys", default="role:content,from:value", help="chat: a turn's role key and text key (the first pair "
-                                                                "a turn has)")
+                                                                "a turn has) (default: %(default)s)")
     add("--chat_roles", default="", help="chat: more role names, NAME=system|user|assistant, comma-separated (known: "
                                          "system, user, human, assistant, gpt)")
 

@@ -1,5 +1,6 @@
 """Print the first documents (conversations) of training data as the model sees them, the learnt
-parts marked: what train.py with the same --data_type and field options would train on.
+parts marked: what train.py with the same --data_type and field options would train on (each document
+whole, before windows or a cut to --ctx_len).
 
     python scripts/show_data.py data/chat.jsonl --data_type chat [--n 3] [--json]
 

@@ -4,11 +4,16 @@ materialised whole and masked_lm_loss on them.
 
 In float64 the two agree to rounding (1e-10 relative, every tensor): the method is exact. In fp32
 both are rounded, and the gradients that are sums over every token with much cancellation
-(time_decay, time_maa_*) are off the float64 truth by up to 4e-5 relative for the plain pass
-itself (5e-4 on one tensor), by an amount that depends on the CPU's vector width. So in fp32 the
-whole gradient must agree with the plain pass to 1e-5, and each tensor must be as close to the
-float64 truth (the same model in float64) as the plain fp32 pass is, within a factor 2 (measured:
-1.1 at worst, over bone/bat/lora, masked or not, chunked or not)."""
+(time_decay, time_maa_*, lora_A) are off the float64 truth by up to 3.2e-4 relative for the plain
+pass itself, by an amount that depends on the summation order (MKL's code path, the thread count).
+So in fp32 the whole gradient must agree with the plain pass to 1e-5, and each tensor must be as
+close to the float64 truth (the same model in float64) as the plain fp32 pass is, within a factor
+2, where the plain pass's error is floored at NOISE: below that the plain pass was merely lucky,
+and the chunked pass may land anywhere in the fp32 noise. Measured over every case here on MKL's
+default (AVX-512), AVX2 and COMPATIBLE paths and on one thread: the chunked pass's error is at most
+2.3x the plain pass's where that ratio peaks (3.4e-5 against 1.5e-5, time_decay_w2 on AVX2: 5.9x
+below the 2e-4 allowed there) and at most 3.2e-4 in all (where the plain pass's is 3.1e-4). A WKV
+state carried in bf16 from chunk to chunk is caught (the last test)."""
 import copy
 import pytest
 import torch
@@ -22,6 +27,7 @@ from tests.tiny import ALL, randomize, random_state_dict
 pytestmark = pytest.mark.numerical
 
 T = 64
+NOISE = 1e-4    # the fp32 noise floor of a gradient tensor here, relative (see above)
 
 
 def make_model(mode, train_parts=("time", "ln"), grad_cp=False, targets=None, seed=0, dtype=torch.float32, shape="small"):
@@ -69,10 +75,15 @@ def assert_same(ref, got, truth=None):
     fp64 = loss_ref.dtype == torch.float64
     assert fp64 or truth is not None, "an fp32 comparison needs the float64 truth"
     assert torch.isfinite(loss_got)
+    # The loss is a mean of B T log-softmax terms of one order each (about ln 260 here): the two passes
+    # group those sums differently, a few units of the last place apart (fp32: 1e-6 is 8 eps).
     assert loss_got.item() == pytest.approx(loss_ref.item(), rel=1e-12 if fp64 else 1e-6)
     assert g_got.keys() == g_ref.keys()
     whole = torch.cat([(g_got[n] - g_ref[n]).flatten() for n in g_ref]).norm() / torch.cat(
         [g.flatten() for g in g_ref.values()]).norm()
+    # float64: the fp32 runs show the gradients amplify rounding by up to 3e-4 / 6e-8 = 5e3, which in
+    # float64 is 1e-12: 1e-10 leaves 100x. fp32: the whole gradient is dominated by the large, well-
+    # conditioned tensors, whose error is a few eps times the amplification of the small ones at most.
     assert whole <= (1e-10 if fp64 else 1e-5), f"relative error of the whole gradient {whole:.2e}"
     for n in g_ref:
         if fp64:
@@ -81,7 +92,7 @@ def assert_same(ref, got, truth=None):
             continue
         t = truth[1][n].float()
         err, err_ref = ((g - t).norm() / t.norm().clamp(min=1e-30) for g in (g_got[n], g_ref[n]))
-        assert err <= 2 * max(err_ref, 1e-5), f"{n}: {err:.2e} off the float64 truth, the plain pass {err_ref:.2e}"
+        assert err <= 2 * max(err_ref, NOISE), f"{n}: {err:.2e} off the float64 truth, the plain pass {err_ref:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -149,3 +160,19 @@ def test_under_bf16_autocast_it_is_as_accurate_as_the_plain_pass(monkeypatch):
     err = lambda g, n: ((g[n] - truth[1][n]).norm() / truth[1][n].norm()).item()  # noqa: E731
     for n in truth[1]:
         assert err(got[1], n) <= 2 * err(ref[1], n) + 1e-3, f"{n}: {err(got[1], n):.2e} vs plain bf16 {err(ref[1], n):.2e}"
+
+
+def test_a_state_carried_in_bf16_is_caught(monkeypatch):
+    """The fp32 comparison can fail: the chunked pass with its WKV state rounded to bf16 from chunk to chunk."""
+    model = make_model("bone")
+    idx, targets, mask = batch()
+    ref = grads(model, lambda: plain(model, idx, targets, mask))
+    truth = float64_truth(model, idx, targets, mask)
+    hidden = model.hidden
+
+    def rounded(x, state=None):
+        x, state = hidden(x, state)
+        return x, [(att, wkv.bfloat16().float(), ffn) for att, wkv, ffn in state]
+    monkeypatch.setattr(model, "hidden", rounded)
+    with pytest.raises(AssertionError):     # the loss is off by 2e-6 relative, the gradients more
+        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)), truth)

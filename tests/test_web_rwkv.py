@@ -2,11 +2,13 @@
 the CPU (Mesa's software Vulkan driver), against the `rwkv` package on the same merged x060 model.
 
 web-rwkv computes in fp16: on a model of this shape rounding the weights alone to fp16 moves the
-logits by about 3e-4 of their range, and web-rwkv is measured at 1.1e-3 to 5.6e-3 of the range, so
-the bound is 1e-2 at every position. A table with time_maa_k and time_maa_v swapped is measured at
-5.9e-3 to 5.6e-2: the test asks for more than 2e-2 somewhere. web-rwkv needs
-head size 64 (official models; at 32 it runs and is wrong) and 12 layers or more (on 2 it panics in
-its layer rescaling), hence this model's shape."""
+logits by about 3e-4 of their range. On one lavapipe thread (see the fixture) web-rwkv's output is
+the same on every run, 5.9e-4 of the range off the `rwkv` package at worst here (on Mesa's
+multi-threaded default it varied from run to run, up to 1.02e-2). The bound is 3e-3 at every
+position: 5x that measurement, for another CPU's vector code in lavapipe, still a few fp16
+roundings. A table with time_maa_k and time_maa_v swapped is 5.9e-2 off (measured): the test asks
+for more than 2e-2 somewhere. web-rwkv needs head size 64 (official models; at 32 it runs and is
+wrong) and 12 layers or more (on 2 it panics in its layer rescaling), hence this model's shape."""
 import glob
 import os
 
@@ -25,7 +27,7 @@ from tests.test_merge import make_pair, run_merge
 WEB = RWKV6Config(vocab_size=65536, n_embd=128, n_layer=12, dim_att=128, dim_ffn=448, head_size=64)
 IDS = [1, 500, 2000, 33, 65000, 12, 7, 9000]
 VULKAN_ICD_DIRS = ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d")
-TOL = 1e-2
+TOL = 3e-3
 BROKEN = 2e-2
 
 
@@ -105,4 +107,5 @@ def test_a_broken_st_table_is_caught(web_rwkv, merged, tmp_path, monkeypatch):
     out = tmp_path / "broken.st"
     assert run_export("--model", merged, "--format", "st", "--output", out, "--quiet") is None
     err = off(web_logits(web_rwkv, out), reference(merged))
+    print(f"web-rwkv on the broken table against the rwkv package: {err.max():.2e} of the range at worst")
     assert err.max() > BROKEN, err

@@ -75,6 +75,24 @@ def test_bf16_inputs_give_bf16_outputs_within_bf16_rounding():
     assert max(errors.values()) <= 2 ** -7, errors       # one bf16 rounding of the result
 
 
+@pytest.mark.numerical
+@pytest.mark.parametrize("dtype, bound", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["float64", "float32"])
+def test_decays_past_the_factor_limit_take_the_pairwise_path(dtype, bound, monkeypatch):
+    """w up to 2 (decay down to 6e-4 a step): a chunk of 16 decays by up to 118 > FACTOR_LIMIT, where
+    e^{-c} would overflow fp32; the pairwise path runs, to the same bounds as above."""
+    calls = []
+    pairwise = wkv7_cpu_module._pairwise
+    monkeypatch.setattr(wkv7_cpu_module, "_pairwise", lambda *a: calls.append(1) or pairwise(*a))
+    inputs = make_inputs(1, 50, 2, 16, seed=4)
+    inputs[1] = torch.rand(inputs[1].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 3 - 1
+    got = outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6]), [x.to(dtype) for x in inputs])
+    errors = relative_errors(got, reference(inputs))
+    assert calls and max(errors.values()) <= bound, errors
+    calls.clear()
+    wkv7_cpu(*make_inputs(1, 50, 2, 16, torch.float32, strong=True))     # the model's decays: the factored path
+    assert not calls
+
+
 def test_a_sequence_in_pieces_equals_it_at_once():
     """The state carried out of one call into the next (with its gradient) is exact."""
     inputs = make_inputs(1, 30, 2, 8, seed=5)
@@ -91,8 +109,8 @@ def test_a_sequence_in_pieces_equals_it_at_once():
 
 def test_a_broken_recurrence_is_caught(monkeypatch):
     """Drop the S a b^T term: the comparison with the reference must fail, for outputs and gradients."""
-    def terms_without_removal(R, K, V, A, Bb, lw):
-        return real(R, K, V, 0 * A, Bb, lw)       # a still in the graph, its effect gone
+    def terms_without_removal(r, w, k, v, a, b, L):
+        return real(r, w, k, v, 0 * a, b, L)       # a still in the graph, its effect gone
     real = wkv7_cpu_module._chunk_terms
     inputs = make_inputs(1, 20, 1, 8, seed=2)
     monkeypatch.setattr(wkv7_cpu_module, "_chunk_terms", terms_without_removal)

@@ -12,5 +12,19 @@ def to_chunks(x, L, dtype):
 
 
 def from_chunks(x, T, dtype):
-    B, H, C, L, N = x.shape
-    return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
+    """[B, H, n_chunks, L, N] -> [B, T, H, N] in `dtype`. Its gradient comes back in to_chunks' contiguous
+    layout: autograd's own (a permuted view) made every batched product of a backward pass that used
+    it copy its matrices one at a time."""
+    return _FromChunks.apply(x, T, dtype)
+
+
+class _FromChunks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, T, dtype):
+        B, H, C, L, N = x.shape
+        ctx.L, ctx.dtype = L, x.dtype
+        return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return to_chunks(g, ctx.L, ctx.dtype), None, None

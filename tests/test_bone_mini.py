@@ -54,6 +54,8 @@ def test_forward_gradients_and_merge_equal_peft_miss(in_f, out_f, r, mini_r):
     x = torch.randn(3, 5, in_f, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     y, y2 = ours(x), theirs(x2)
+    # float64, the same sums grouped differently (PEFT pads and reshapes): at most ~in_f eps = 2e-14 of
+    # the largest value for in_f <= 100; 1e-12 leaves 50x and catches any wrong term (order 1e-1).
     assert (y - y2).abs().max() <= 1e-12 * y2.abs().max()
     gy = torch.randn(y.shape, dtype=torch.float64)
     y.backward(gy)
@@ -64,6 +66,7 @@ def test_forward_gradients_and_merge_equal_peft_miss(in_f, out_f, r, mini_r):
     theirs.merge()
     merged = theirs.get_base_layer().weight
     mine = merge_weight(ours.weight, ours.bone, ours.mode)
+    # Both add the tiled block to W elementwise: one rounding each, the same one (or eps/2 apart).
     assert torch.equal(mine, merged) or (mine - merged).abs().max() <= 1e-15 * merged.abs().max()
 
 
@@ -94,6 +97,7 @@ def test_mini_in_the_model_saves_loads_and_merges(tmp_path):
     mode, plan = plan_merge(cfg.shapes(), cfg.fingerprint(), str(path))
     assert mode == "mini" and all(v[1].shape == (16, 32) for v in plan.values())
     merged = merge_and_unload(loaded)
+    # float64 through the whole tiny model: rounding of order 1e-14 relative; a lost update is 1e-2.
     assert (logits(merged, idx) - out).abs().max() <= 1e-10 * out.abs().max()
 
 

@@ -7,6 +7,9 @@ from tests.tiny import SHAPES, rwkv_runtime, save_random_checkpoint
 
 pytestmark = pytest.mark.numerical
 
+# Both sides fp32 on the same weights, summed in other orders: measured 2.2e-6 to 3.1e-6 at worst on
+# logits of up to 1.9 (on MKL's AVX-512, AVX2 and COMPATIBLE paths and on one thread): 30x headroom,
+# where a wrong mix or decay moves them by 1e-2 or more (test_weights_are_not_trivial).
 TOL = 1e-4
 
 
@@ -65,6 +68,8 @@ def test_state_matches_runtime_state(pair):
     _, state = ours(tokens[None, :40])
     _, theirs = runtime.forward(tokens[:40].tolist(), None)
     for i, (att_shift, wkv, ffn_shift) in enumerate(state):
+        # Measured over the same paths: shifts (values of order 1) 8e-7, WKV states 2.3e-5 (values up to
+        # about 10, summed over 40 steps): 12x and 4x headroom.
         assert torch.allclose(att_shift[0], theirs[3 * i], atol=1e-5)
         assert torch.allclose(wkv[0], theirs[3 * i + 1], atol=1e-4)
         assert torch.allclose(ffn_shift[0], theirs[3 * i + 2], atol=1e-5)

@@ -13,7 +13,9 @@ from tests.tiny import SHAPES7, random_state_dict, save_random_checkpoint
 
 pytestmark = pytest.mark.numerical
 
-TOL = 1e-4     # relative to the largest logit
+# Relative to the largest logit. Both sides fp32, summed in other orders: measured 3.5e-7 to 4.6e-7
+# (MKL's AVX-512 and AVX2 paths), 200x below; dropping the value residual moves them far past it.
+TOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES7))
@@ -67,6 +69,7 @@ def test_state_matches_the_package_state(pair):
     _, state = ours(tokens[None])
     for i, (att_shift, wkv, ffn_shift) in enumerate(state):
         theirs = package["state"][3 * i: 3 * i + 3]
+        # Measured: shifts (order 1) 9.5e-7, WKV states 7.4e-7 of their largest value: 10x and 100x below.
         assert torch.allclose(att_shift[0], theirs[0], atol=1e-5)
         assert torch.allclose(wkv[0], theirs[1], atol=1e-4 * theirs[1].abs().max().item())
         assert torch.allclose(ffn_shift[0], theirs[2], atol=1e-5)

@@ -100,6 +100,9 @@ def test_the_quantized_model_computes_with_bitsandbytes_rounded_weights(quant, m
     idx = idx_for()
     (a, ga), (b, gb) = fwd_bwd(ours, idx), fwd_bwd(reference, idx)
     assert ours._base_quant["type"] == quant and len(ours._base_quant["keys"]) == 8 * 2 + 2
+    # fp32 on the same rounded weights, only the order of sums differs: logits of order 1 agree to a
+    # few eps (1e-6 = 8 eps), gradients (sums over every token) to 1e-5 relative; a weight not
+    # quantized, or quantized twice, moves both by the quantization error (1e-2 and more).
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert ga.keys() == gb.keys() and len(ga) == 8 * 2 * (2 if mode == "lora" else 1)
     for n in ga:
@@ -159,6 +162,7 @@ def test_no_dequantized_weight_is_kept_for_the_backward_pass(mode, monkeypatch):
         logits.pow(2).mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for n in grads[0]:
+        # The same arithmetic with and without gradient checkpointing: equal to a last place (8 eps).
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-6, atol=0)
 
 
@@ -264,6 +268,7 @@ def test_merge_quant_nf4_is_the_rounded_base_plus_the_update(tmp_path, mode):
                 expect = w + delta(mode, w, a, k) if not k.startswith(("emb", "head")) else w
             else:
                 expect = a.get(k, w)
+            # fp32 W + dW, weights of order 1e-1 to 1: a few eps (1e-6 = 8 eps of 1); dW is 1e-2 and more.
             assert (merged[k] - expect).abs().max() <= 1e-6, (quant, k)
 
 

@@ -31,6 +31,7 @@ def test_masked_loss_is_the_mean_over_unmasked_positions():
     targets = torch.randint(0, 11, (2, 5), generator=g)
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 0, 0, 0, 1]], dtype=torch.float)
     picked = [F.cross_entropy(logits[b, t][None], targets[b, t][None]) for b in range(2) for t in range(5) if mask[b, t]]
+    # fp32 means of at most 10 log-softmax terms of order 1, grouped differently: a few eps (1e-6 = 8 eps).
     assert masked_lm_loss(logits, targets, mask).item() == pytest.approx(torch.stack(picked).mean().item(), rel=1e-6)
     assert masked_lm_loss(logits, targets, None).item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-6)
 
@@ -48,4 +49,5 @@ def test_l2wrap_adds_the_max_logit_term_to_the_gradient():
         for t in range(3):
             j = plain[b, t].argmax()
             extra[b, t, j] = plain[b, t, j].detach() * 1e-4 / 6
+    # float64 gradients of order 1/6, each from a few elementwise operations: a few eps = 1e-16.
     assert torch.allclose(logits.grad, plain.grad + extra, atol=1e-15)

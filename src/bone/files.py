@@ -14,12 +14,13 @@ from collections import OrderedDict
 
 import torch
 
-from ..checkpoint import atomic_save, check_finite, load_state_dict
+from ..checkpoint import atomic_save, check_finite
 from ..validate import check_fields, is_int, is_number, is_str_list, non_finite, show
 from .base_hash import SCHEME, looks_merged, official_tensors, weights_hash
 from .config import MODES, TRAIN_PARTS, AdapterError, train_part_of
 from .functional import adapter_shapes
 from ..model import new_time_states
+from ..state_file import check_family, load_state, recorded_family
 from .state import _attach, _build_layers, _state, adapter_layers
 
 META_KEY = "__bone_meta__"
@@ -148,15 +149,17 @@ def _read_meta(meta, source):
     return {"quant": "none", "quantized": [], **meta}     # written before quantization existed: none
 
 
-def _legacy_meta(sd, source):
+def _legacy_meta(sd, source, family=None):
     """Metadata for an adapter file of the older repository (bone/bat only): keys X.bone (or
-    X.disha), perhaps all under 'model.'; mode and r read off the tensor shapes."""
+    X.disha), perhaps all under 'model.'; mode and r read off the tensor shapes. A state file (ours
+    or the older repository's, time_state tensors alone) gets state_family: the family it records
+    (`family`, src/state_file.py), or None."""
     if sd and all(k.startswith("model.") for k in sd):
         sd = OrderedDict((k[len("model."):], v) for k, v in sd.items())
     if sd and all(train_part_of(k) == "state" for k in sd):
         # The older repository's --peft state file (RWKV-Runner's state file): time_state tensors alone.
         return sd, {"format": FILE_FORMAT, "version": 0, "mode": "bone", "r": {}, "targets": [], "train_parts": ["state"],
-                    "lora_alpha": None, "fingerprint": None, "quant": None, "quantized": []}
+                    "lora_alpha": None, "fingerprint": None, "quant": None, "quantized": [], "state_family": family}
     sd = OrderedDict((k[:-len(".disha")] + ".bone" if k.endswith(".disha") else k, v) for k, v in sd.items())
     ranks, modes = OrderedDict(), set()
     for k, v in sd.items():
@@ -187,7 +190,8 @@ def read_adapter(path_or_state_dict, mmap=False):
         loaded, source = path_or_state_dict, "the adapter state dict"
     else:
         source = os.fspath(path_or_state_dict)
-        loaded = load_state_dict(source, mmap=mmap, what="an adapter file written by train.py (adapter-STEP.pth)")
+        # load_state: a web-rwkv-state file (safetensors) is read too, as the state file it is.
+        loaded = load_state(source, mmap=mmap, what="an adapter file written by train.py (adapter-STEP.pth)")
     if not isinstance(loaded, dict):
         raise AdapterError(f"{source} holds {show(loaded)}, not a dict of tensors: it is not an adapter file.")
     sd = OrderedDict(loaded)
@@ -197,7 +201,7 @@ def read_adapter(path_or_state_dict, mmap=False):
     if META_KEY in sd:
         meta = _read_meta(sd.pop(META_KEY), source)
     else:
-        sd, meta = _legacy_meta(sd, source)
+        sd, meta = _legacy_meta(sd, source, recorded_family(loaded, source))
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise AdapterError(f"{source} holds a non-tensor value under {bad[0]!r}: it is not an adapter file.")
@@ -209,6 +213,8 @@ def read_adapter(path_or_state_dict, mmap=False):
 
 
 def _check_fingerprint(meta, mine, source):
+    if "state_family" in meta and mine is not None:     # a state file: the family it records, or a note
+        check_family(meta["state_family"], mine.get("family", "x060"), source)
     theirs = meta.get("fingerprint")
     if theirs is not None and mine is not None:
         # An RWKV-6 fingerprint names no family (files from before RWKV-7 support stay valid).

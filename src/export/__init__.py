@@ -96,7 +96,7 @@ def export_model(model, fmt, output, dtype="same", overwrite=False, progress=Tru
     line = plan.line
     if states:
         from ..state_file import save_states
-        save_states(states, state_output, state_fmt)
+        save_states(states, state_output, state_fmt, family=config.family)
         line += "; " + state_note(fmt, state_output)
     return os.path.getsize(output), line
 

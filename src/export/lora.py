@@ -26,7 +26,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..bone import AdapterError, plan_merge, read_adapter
+from ..bone import AdapterError, check_base, plan_merge, read_adapter
 from ..bone.functional import lora_factors
 from ..checkpoint import atomic_write, clean_stale_temporaries, load_checkpoint, new_config
 from . import ExportError, check_output, check_room
@@ -54,31 +54,53 @@ def refuse_unservable(sd, meta, source):
 
 
 def base_shapes(meta, source, model=None):
-    """(family, n_layer, {official key: shape}, fingerprint) of the base: read off `model` when given,
-    else rebuilt from the sizes the adapter file records."""
+    """(family, n_layer, {official key: shape}, fingerprint, (state dict, config) of `model` or None) of
+    the base: read off `model` when given, else rebuilt from the sizes the adapter file records."""
     if model is not None:
         sd, config = load_checkpoint(model, mmap=True)
-        return config.family, config.n_layer, {k: tuple(v.shape) for k, v in sd.items()}, config.fingerprint()
+        return (config.family, config.n_layer, {k: tuple(v.shape) for k, v in sd.items()}, config.fingerprint(),
+                (sd, config))
     fp = meta.get("fingerprint")
     if not fp:
         raise ExportError(f"{source} does not record its base model's sizes (an older file): pass --model with the "
                           "base .pth as well.")
     family = fp.get("family", "x060")
     config = new_config(family, fp["vocab_size"], fp["n_embd"], fp["n_layer"], fp["dim_ffn"], fp["head_size"])
-    return family, config.n_layer, dict(config.shapes()), fp
+    return family, config.n_layer, dict(config.shapes()), fp, None
+
+
+def is_state(key):
+    return key.endswith(".att.time_state")
+
+
+def without_state(sd, meta):
+    """An adapter's tensors and metadata less its trained state (train part "state"), which goes beside
+    the LoRA file (export.py): what the LoRA file is to hold."""
+    return ({k: v for k, v in sd.items() if not is_state(k)},
+            {**meta, "train_parts": [p for p in meta["train_parts"] if p != "state"]})
 
 
 class LoraPlan:
-    """Header first (from shapes), then each A and B made and written one pair at a time."""
+    """Header first (from shapes), then each A and B made and written one pair at a time. With
+    `model`, the adapter is checked against that base as merge.py checks it: its sizes and family,
+    then the fingerprint of the base's weights the adapter records (bone.check_base: another base is
+    one sentence, unless allow_other_base, which makes it a note, self.note). state_beside: the
+    adapter's trained state is written beside the LoRA (export.py) and left out here."""
 
-    def __init__(self, adapter, dtype="same", model=None, name=None):
+    def __init__(self, adapter, dtype="same", model=None, name=None, allow_other_base=False, state_beside=False):
         if dtype not in ADAPTER_DTYPES:
             raise ExportError(f"--dtype {dtype} cannot be written for an adapter: its B is always fp32 and its A "
                               f"{', '.join(ADAPTER_DTYPES[1:])} (same: fp32).")
         sd, meta, source = read_adapter(adapter, mmap=True)
+        if state_beside:
+            sd, meta = without_state(sd, meta)
         refuse_unservable(sd, meta, source)
-        family, n_layer, shapes, fingerprint = base_shapes(meta, source, model)
+        family, n_layer, shapes, fingerprint, base = base_shapes(meta, source, model)
         mode, plan = plan_merge(shapes, fingerprint, adapter)
+        # merge.py's check of the base (src/bone/base_hash.py), after the sizes, before any work.
+        self.note = None if base is None else check_base(adapter, base[0], base[1], model, allow_other_base)
+        if state_beside:
+            plan = {k: change for k, change in plan.items() if not is_state(k)}
         targets = {keys[0]: out for out, keys, transform in GGUF_TABLES[family](n_layer)
                    if transform is same and out.rsplit(".", 2)[-2] in GGUF_LORA}
         self.rows, ranks = [], set()
@@ -135,14 +157,19 @@ class LoraPlan:
         atomic_write(output, write)
 
 
-def export_adapter(adapter, output, dtype="same", model=None, overwrite=False, progress=True, name=None):
+def export_adapter(adapter, output, dtype="same", model=None, overwrite=False, progress=True, name=None,
+                   allow_other_base=False, state_beside=False):
     """Write `adapter` as a llama.cpp LoRA GGUF to `output` (checked against the base `model` when
-    given). Returns (bytes written, one line saying what was written)."""
+    given, as merge.py checks it; another base is refused unless allow_other_base, then a note).
+    state_beside: its trained state is left out (export.py writes it beside). Returns (bytes
+    written, one line saying what was written)."""
     say = lambda m: print(f"export: {m}", file=sys.stderr)  # noqa: E731
     try:
-        plan = LoraPlan(adapter, dtype, model, name)
+        plan = LoraPlan(adapter, dtype, model, name, allow_other_base, state_beside)
     except AdapterError as e:
         raise ExportError(str(e)) from None
+    if plan.note:
+        say(plan.note)
     existing = check_output(output, adapter, overwrite)
     check_room(existing, plan.nbytes)
     clean_stale_temporaries(output, say=say)

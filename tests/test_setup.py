@@ -127,3 +127,21 @@ def test_ci_runs_the_readme_lines_in_a_fresh_environment():
     assert 'readme_line "python -m pytest"' in ci
     assert re.search(r"python3 -m venv \"\$VENV\"\n\. \"\$VENV/bin/activate\"", ci)
     assert "pip install" not in ci.replace("pip install -r", "")   # no install of its own besides the README's
+
+
+def test_ci_runs_the_numerical_tests_again_on_other_code_paths():
+    """Every numerical bound must hold on the code paths other machines take, not only this CPU's:
+    .ci/run runs the tests marked numerical again under MKL's AVX2 and COMPATIBLE paths and on one
+    thread; the marker is registered, and it marks the tests that failed on another CPU before."""
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = f.read()
+    assert "for setting in MKL_CBWR=AVX2 MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1; do" in ci
+    assert 'env "$setting" python -m pytest -q -m numerical $NUMERICAL' in ci
+    with open(os.path.join(ROOT, "pytest.ini"), encoding="utf-8") as f:
+        assert "numerical:" in f.read()
+    for name, test in (("test_export_lora", "def test_the_file_is_what_llama_cpp_reads"),
+                       ("test_long_context", "pytestmark = pytest.mark.numerical"),
+                       ("test_web_rwkv", "def test_st_export_in_web_rwkv_is_the_rwkv_package")):
+        with open(os.path.join(ROOT, "tests", name + ".py"), encoding="utf-8") as f:
+            text = f.read()
+        assert "@pytest.mark.numerical\n" + test in text or test.startswith("pytestmark") and test in text, name

@@ -87,14 +87,14 @@ class TimeMix(nn.Module):
         H, N = self.n_head, self.head_size
         wkv_state = initial_wkv_state(self, wkv_state, B, key_first=True)
         xx = token_shift(x, shift)
-        xxx = x + xx * self.time_maa_x
+        xxx = torch.addcmul(x, xx, self.time_maa_x)     # x + xx * time_maa_x in one pass (so below)
         m = torch.tanh(xxx @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
         mw, mk, mv, mr, mg = torch.bmm(m, self.time_maa_w2).view(5, B, T, C)
-        xw = x + xx * (self.time_maa_w + mw)
-        xk = x + xx * (self.time_maa_k + mk)
-        xv = x + xx * (self.time_maa_v + mv)
-        xr = x + xx * (self.time_maa_r + mr)
-        xg = x + xx * (self.time_maa_g + mg)
+        xw = torch.addcmul(x, xx, self.time_maa_w + mw)
+        xk = torch.addcmul(x, xx, self.time_maa_k + mk)
+        xv = torch.addcmul(x, xx, self.time_maa_v + mv)
+        xr = torch.addcmul(x, xx, self.time_maa_r + mr)
+        xg = torch.addcmul(x, xx, self.time_maa_g + mg)
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
         g = F.silu(self.gate(xg))
@@ -117,8 +117,8 @@ class ChannelMix(nn.Module):
 
     def forward(self, x, shift):
         xx = token_shift(x, shift)
-        xk = x + xx * self.time_maa_k
-        xr = x + xx * self.time_maa_r
+        xk = torch.addcmul(x, xx, self.time_maa_k)
+        xr = torch.addcmul(x, xx, self.time_maa_r)
         return torch.sigmoid(self.receptance(xr)) * self.value(torch.relu(self.key(xk)) ** 2), x[:, -1].clone()
 
 

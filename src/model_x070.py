@@ -51,10 +51,10 @@ class TimeMix7(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         wkv_state = initial_wkv_state(self, wkv_state, B, key_first=False)   # the operator's layout is the file's
         xx = token_shift(x, shift)
-        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+        xr, xw, xk, xv, xa, xg = (torch.addcmul(x, xx, m) for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
         r, k, v = self.receptance(xr), self.key(xk), self.value(xv)
-        w = -F.softplus(-(self.w0 + torch.tanh(xw @ self.w1) @ self.w2)) - 0.5
+        w = F.logsigmoid(self.w0 + torch.tanh(xw @ self.w1) @ self.w2) - 0.5     # -softplus(-x) = logsigmoid(x), one pass
         if self.layer_id == 0:
             v_first = v       # layer 0's v0, v1, v2 are in the file but unused, as in the reference
         else:
@@ -62,7 +62,7 @@ class TimeMix7(nn.Module):
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize(heads(k * self.k_k), dim=-1, p=2.0)
-        k = k * (1 + (a - 1) * self.k_a)
+        k = k * torch.addcmul(1 - self.k_a, a, self.k_a)     # k * (1 + (a - 1) * k_a)
 
         y, wkv_state = wkv7(heads(r), heads(w), heads(k), heads(v), -kk, kk * heads(a), wkv_state, op=op)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
@@ -78,7 +78,7 @@ class ChannelMix7(nn.Module):
         self.value = nn.Linear(cfg.dim_ffn, cfg.n_embd, bias=False)
 
     def forward(self, x, shift):
-        k = x + token_shift(x, shift) * self.x_k
+        k = torch.addcmul(x, token_shift(x, shift), self.x_k)
         return self.value(torch.relu(self.key(k)) ** 2), x[:, -1].clone()
 
 

@@ -161,7 +161,8 @@ def ctx_table(args, ctxs):
         if parts:
             print("; ".join(parts))
     small, big = min(ctxs), max(ctxs)
-    line(ratio(f"chunked peak at ctx {big} / plain peak at ctx {small}", ("chunked", big), ("plain", small), peak, "goal <= 1.3x"),
+    line(ratio(f"chunked peak at ctx {big} / plain peak at ctx {small}", ("chunked", big), ("plain", small), peak,
+               "goal <= 1.3x"),
          ratio(f"plain peak at ctx {big} / at ctx {small}", ("plain", big), ("plain", small), peak, "for comparison"))
     for ctx in ctxs:
         line(ratio(f"ctx {ctx}: fused extra memory / plain", ("fused", ctx), ("plain", ctx), extra, "goal <= 0.5x at 2048"),

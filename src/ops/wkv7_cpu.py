@@ -113,7 +113,8 @@ class _StateScan(torch.autograd.Function):
         for i in range(C):
             starts[:, :, i] = S
             S_i = S.flatten(0, 1)
-            S = torch.baddbmm(torch.addcmul(_step(E, i), S_i, _step(d, i)), S_i @ _step(W, i).mT, _step(B_end, i)).view(B, H, N, N)
+            S = torch.baddbmm(torch.addcmul(_step(E, i), S_i, _step(d, i)), S_i @ _step(W, i).mT,
+                              _step(B_end, i)).view(B, H, N, N)
         ctx.save_for_backward(W, B_end, d, starts)
         return starts, S
 

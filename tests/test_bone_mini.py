@@ -16,7 +16,6 @@ from tests.tiny import SHAPES, randomize
 peft = require("peft", "pip install -r requirements-test.txt (README, Set up)")
 from peft.tuners.miss import MissConfig, MissLinear  # noqa: E402
 
-pytestmark = pytest.mark.numerical
 
 
 def pair(in_f, out_f, r, mini_r=None, seed=0):
@@ -45,6 +44,7 @@ BONE = [(64, 96, 16), (100, 72, 16), (10, 24, 16)]
 
 
 @pytest.mark.parametrize("in_f,out_f,r,mini_r", MINI + [(i, o, r, None) for i, o, r in BONE])
+@pytest.mark.numerical
 def test_forward_gradients_and_merge_equal_peft_miss(in_f, out_f, r, mini_r):
     """PEFT pads x and adds the tail's first in % r rows, as Bone does: equal on non-divisible
     inputs too (r > in is refused by PEFT, so not compared)."""
@@ -71,6 +71,7 @@ def test_forward_gradients_and_merge_equal_peft_miss(in_f, out_f, r, mini_r):
 
 
 @pytest.mark.parametrize("in_f,out_f,r,mini_r", MINI)
+@pytest.mark.numerical
 def test_mini_update_is_b_tiled_both_ways_and_an_exact_lora(in_f, out_f, r, mini_r):
     g = torch.Generator().manual_seed(1)
     mini = torch.randn(r, mini_r, generator=g, dtype=torch.float64)
@@ -81,6 +82,7 @@ def test_mini_update_is_b_tiled_both_ways_and_an_exact_lora(in_f, out_f, r, mini
     assert a.shape == (r, in_f) and b.shape == (out_f, r) and torch.equal(b @ a, dw)
 
 
+@pytest.mark.numerical
 def test_mini_in_the_model_saves_loads_and_merges(tmp_path):
     cfg = SHAPES["small"]
     model = make_model("small", dtype=torch.float64)

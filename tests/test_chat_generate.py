@@ -82,7 +82,6 @@ def run_main(monkeypatch, capsys, stdin, *argv):
     return capsys.readouterr().out
 
 
-@pytest.mark.numerical
 def test_scripted_chat_gives_the_trained_replies_with_the_rwkv_packages_state(model_path, tmp_path):
     # The real process, scripted through stdin: three turns, each reply printed and then an empty line.
     history = tmp_path / "chat.json"
@@ -118,7 +117,6 @@ def test_scripted_chat_gives_the_trained_replies_with_the_rwkv_packages_state(mo
         assert torch.allclose(logits, package["logits"][position], atol=1e-4, rtol=1e-4), position
 
 
-@pytest.mark.numerical
 def test_history_resumes_to_the_uninterrupted_state_and_is_never_half_written(model_path, tmp_path, monkeypatch,
                                                                               capsys):
     argv = ["--model", model_path, "--chat", "--temperature", 0, "--device", "cpu", "--history", tmp_path / "h.json"]

@@ -119,7 +119,6 @@ def broken_table(monkeypatch, merged):
     monkeypatch.setitem(names.GGUF_TABLES, fam, broken)
 
 
-@pytest.mark.numerical
 def test_a_broken_table_is_caught(merged, tmp_path, broken_table):
     out = tmp_path / "broken.gguf"
     assert run_export("--model", merged, "--format", "gguf", "--output", out, "--dtype", "fp32", "--quiet") is None
@@ -154,7 +153,6 @@ def rounding_bound(t, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16", "q8_0"])
-@pytest.mark.numerical
 def test_rounded_gguf_is_llama_cpp_on_its_own_rounded_weights(merged, tmp_path, dtype):
     import gguf
     out = tmp_path / f"m-{dtype}.gguf"

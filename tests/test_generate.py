@@ -89,7 +89,6 @@ def test_rwkv7_greedy_is_the_rwkv_package_greedy_on_the_merged_file(tmp_path, ca
 
 
 @pytest.mark.parametrize("presence, frequency, decay", [(0.2, 0.2, 0.996), (0.05, 0.3, 0.7)])
-@pytest.mark.numerical
 def test_penalties_are_pipeline_generates(presence, frequency, decay):
     """Greedy choice under PIPELINE's repetition penalties: PIPELINE.generate itself (temperature 0
     is its greedy) and ours pick the same 300 tokens from the same scripted logits, near-ties

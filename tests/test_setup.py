@@ -139,9 +139,8 @@ def test_ci_runs_the_numerical_tests_again_on_other_code_paths():
     assert 'env "$setting" python -m pytest -q -m numerical $NUMERICAL' in ci
     with open(os.path.join(ROOT, "pytest.ini"), encoding="utf-8") as f:
         assert "numerical:" in f.read()
-    for name, test in (("test_export_lora", "def test_the_file_is_what_llama_cpp_reads"),
-                       ("test_long_context", "pytestmark = pytest.mark.numerical"),
-                       ("test_web_rwkv", "def test_st_export_in_web_rwkv_is_the_rwkv_package")):
+    for name, marked in (("test_export_lora", "@pytest.mark.numerical\ndef test_the_file_is_what_llama_cpp_reads"),
+                         ("test_long_context", "pytest.param(torch.float32, False, marks=pytest.mark.numerical)"),
+                         ("test_web_rwkv", "@pytest.mark.numerical\ndef test_st_export_in_web_rwkv_is_the_rwkv_package")):
         with open(os.path.join(ROOT, "tests", name + ".py"), encoding="utf-8") as f:
-            text = f.read()
-        assert "@pytest.mark.numerical\n" + test in text or test.startswith("pytestmark") and test in text, name
+            assert marked in f.read(), name

@@ -46,6 +46,7 @@ CASES = [(1, 1, 1, 8, 16), (2, 37, 2, 16, 8), (1, 64, 1, 16, 16), (1, 50, 2, 64,
          (1, 300, 2, 64, 16)]
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("B, T, H, N, chunk", CASES)
 def test_float64_equals_the_reference(B, T, H, N, chunk):
     inputs = make_inputs(B, T, H, N, seed=T)
@@ -54,6 +55,7 @@ def test_float64_equals_the_reference(B, T, H, N, chunk):
     assert max(errors.values()) <= 1e-10, errors
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("strong", [False, True], ids=["model-decays", "strong-decays"])
 @pytest.mark.parametrize("B, T, H, N, chunk", CASES[1:])
 def test_float32_within_1e_5_of_the_values_scale(B, T, H, N, chunk, strong):
@@ -65,6 +67,7 @@ def test_float32_within_1e_5_of_the_values_scale(B, T, H, N, chunk, strong):
     assert y.dtype == torch.float32 and s.dtype == torch.float32
 
 
+@pytest.mark.numerical
 def test_bf16_inputs_give_bf16_outputs_within_bf16_rounding():
     inputs = make_inputs(1, 20, 2, 16, torch.bfloat16, seed=3)
     got = outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6]), inputs)
@@ -93,6 +96,7 @@ def test_decays_past_the_factor_limit_take_the_pairwise_path(dtype, bound, monke
     assert not calls
 
 
+@pytest.mark.numerical
 def test_a_sequence_in_pieces_equals_it_at_once():
     """The state carried out of one call into the next (with its gradient) is exact."""
     inputs = make_inputs(1, 30, 2, 8, seed=5)
@@ -107,6 +111,7 @@ def test_a_sequence_in_pieces_equals_it_at_once():
     assert max(errors.values()) <= 1e-10, errors
 
 
+@pytest.mark.numerical
 def test_a_broken_recurrence_is_caught(monkeypatch):
     """Drop the S a b^T term: the comparison with the reference must fail, for outputs and gradients."""
     def terms_without_removal(r, w, k, v, a, b, L):

@@ -148,3 +148,38 @@ def test_bad_options_are_one_sentence_before_any_work(world, tmp_path, extra, wo
     rc, output = run_train(d, ckpt, tmp_path / "run", *extra)
     assert rc != 0 and "Traceback" not in output and words in output, output[-2000:]
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("objective", ["simpo", "orpo"])
+def test_simpo_and_orpo_steps_are_their_loss_on_the_plain_log_probs(world, objective):
+    """The module's step: the objective's loss (tests/test_objectives.py checks those) on log-probs equal
+    to the plain logits', the learnt-token counts as |y|, and a gradient on the adapter."""
+    from src.objectives import OBJECTIVES, PairLogps
+    d, ckpt, _ = world
+    model, module = build(ckpt, ["--bone_r", "16"], objective)
+    randomize(model, seed=5, scale=0.05)
+    idx, targets, mask = batch(d)
+    loss, metrics = module.preference_loss(idx, targets, mask)
+    want = plain_logps(model, idx, targets, mask).float()
+    counts = mask.sum(-1)
+    expected, _ = OBJECTIVES[objective].loss(PairLogps(want[:, 0], want[:, 1], counts[:, 0], counts[:, 1]), **module.hyper)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_chunk_ctx_gives_the_plain_pass_gradients(world):
+    """--chunk_ctx: the DPO step's loss and every adapter gradient as without it (the state carried
+    across pieces with its gradient)."""
+    d, ckpt, _ = world
+    grads = []
+    for chunk in (0, 7):
+        model, module = build(ckpt, ["--bone_r", "16"])
+        randomize(model, seed=5, scale=0.05)
+        module.chunk_ctx = chunk
+        loss, _ = module.preference_loss(*batch(d))
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-7, msg=name)

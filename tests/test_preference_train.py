@@ -183,3 +183,40 @@ def test_chunk_ctx_gives_the_plain_pass_gradients(world):
     assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
     for name, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_dpo_sigkill_then_resume_repeats_the_losses(world, tmp_path):
+    """A DPO run continuing an SFT adapter, killed after its first resume point and resumed, logs the
+    uninterrupted run's losses and rewards: the resumed run's reference is still the loaded adapter."""
+    import signal
+    import time
+    d, ckpt, adapter = world
+    extra = ["--objective", "dpo", "--bone_r", "16", "--bone_load", adapter, "--strategy", "deepspeed_stage_2",
+             "--save_every_steps", "2", "--epoch_steps", "8"]
+    rc, output = run_train(d, ckpt, tmp_path / "straight", *extra)
+    assert rc == 0, output[-3000:]
+    assert f"the base with the adapter loaded from {adapter}" in output
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", "--load_model", ckpt, "--data_file", str(d / "easy.jsonl"), "--data_type",
+           "preference", "--proj_dir", str(killed), "--ctx_len", str(CTX), "--micro_bsz", "2", "--epoch_count", "1",
+           "--lr_init", "1e-2", "--lr_final", "1e-2", "--accelerator", "cpu", "--seed", "1", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MASTER_PORT": str(free_port())})
+    deadline = time.time() + 300
+    while not (killed / "resume").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first resume point"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "adapter-0000008.pth").exists(), "killed too late to test anything"
+    rc, output = run_train(d, ckpt, killed, *extra, "--resume")
+    assert rc == 0, output[-3000:]
+
+    def log(run):
+        with open(run / "log.csv") as f:
+            return {int(r["step"]): r for r in csv.DictReader(f)}
+    a, b = log(tmp_path / "straight"), log(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        for key in ("loss", "rewards/chosen", "rewards/margins"):
+            assert float(b[step][key]) == pytest.approx(float(a[step][key]), rel=1e-5, abs=1e-6), (step, key)

@@ -39,7 +39,9 @@ def pair_messages(record, where, fmt=ChatFormat()):
     if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict) \
             or prompt[-1].get("role") not in ("user", "human"):
         raise DataError(f'{where}: "prompt" is neither a string nor a list of messages ending with a user turn.')
-    pair = [conversation({"messages": prompt + reply}, f'{where} ("prompt" + "{name}")', fmt)
+    # checked as chat data checks a conversation: TRL's messages ({"role", "content"}), --chat_roles' names
+    chat = ChatFormat(roles=fmt.roles)
+    pair = [conversation({"messages": prompt + reply}, f'{where} ("prompt" + "{name}")', chat)
             for name, reply in zip(FIELDS[1:], replies)]
     if render(pair[0])[0] == render(pair[1])[0]:
         raise DataError(f'{where}: "chosen" and "rejected" are the same reply (after the chat template\'s cleaning): '

@@ -26,8 +26,20 @@ def parse_args(argv=None):
     a("--proj_dir", default="out", help="where adapters, the resume point, log.csv, loss.png, run.json and train.log go")
     a("--data_file", required=True, help="binidx prefix (without .bin/.idx) or a .jsonl file; chat: .jsonl, .json, "
                                          ".parquet files or directories, comma-separated")
-    a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded | chat | chat_padded")
+    a("--data_type", default="binidx", help="binidx | jsonl | sft | sft_padded | chat | chat_padded | preference "
+                                            "(pairs for --objective dpo, simpo or orpo)")
     add_data_options(a)     # --text_field, --prompt_field, --sft_template, --response_field, the chat options
+    # Preference tuning (docs/training.md): the objective and its hyperparameters
+    a("--objective", default="sft", help="sft (the language-model loss) | dpo | simpo | orpo (these three on "
+                                         "--data_type preference pairs)")
+    a("--pref_beta", type=float, default=None, help="DPO's and SimPO's beta (default: DPO 0.1, as TRL; SimPO 2.0, "
+                                                    "as its paper)")
+    a("--simpo_gamma", type=float, default=None, help="SimPO's target margin gamma (default: half of --pref_beta, "
+                                                      "the paper's gamma/beta of 0.5)")
+    a("--orpo_lambda", type=float, default=0.1, help="ORPO's weight of the odds-ratio term beside the NLL "
+                                                     "(TRL's ORPOConfig beta)")
+    a("--sft_weight", type=float, default=0.0, help="DPO: weight of an added NLL term on the chosen reply "
+                                                    "(TRL's rpo_alpha; 0: off)")
     a("--vocab_size", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_layer", type=int, default=0, help="accepted only to be checked against the checkpoint")
     a("--n_embd", type=int, default=0, help="accepted only to be checked against the checkpoint")
@@ -125,6 +137,7 @@ def main(argv=None):
 def check_args(args):
     """Every check that needs no model, before anything is loaded: one sentence each."""
     check_state_args(args)
+    check_objective(args)
     from src.data import data_options
     data_options(args)      # the chat options (--loss_on, --chat_roles, ...) are read here
     for flag, value, least in (("--devices", args.devices, 1), ("--num_nodes", args.num_nodes, 1),
@@ -212,8 +225,7 @@ def run(args, run_dir, console=None):
                            seed=args.seed, val_split=args.val_split, **data_options(args))
     val_dataset = validation_dataset(args, model.config.vocab_size)
     if run_dir is not None:
-        print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of "
-              f"{args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes:,} "
+        print(f"train.py: {describe(model, args, bone)}; {total_steps} steps of {tokens_per_step(args):,} "
               f"tokens into {args.proj_dir}" + (" (a new directory)" if run_dir.made else "")
               + (f", each sample in pieces of {args.chunk_ctx} tokens" if 0 < args.chunk_ctx < args.ctx_len else ""),
               flush=True)
@@ -224,17 +236,21 @@ def run(args, run_dir, console=None):
     rank_zero_only(print)(f"data: {dataset.summary}" + (f"\nvalidation: {val_dataset.summary}" if val_dataset else ""))
 
     step_offset = args.epoch_begin * args.epoch_steps
+    objective, hyper = preference(args)
     module = RWKVLightning(model, lr_init=args.lr_init, betas=(args.beta1, args.beta2), adam_eps=args.adam_eps,
                            state_lr_scale=args.lr_state / args.lr_init,
                            weight_decay=args.weight_decay, cpu_adam=args.strategy.endswith("offload"),
-                           chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0)
+                           chunk_ctx=args.chunk_ctx if 0 < args.chunk_ctx < args.ctx_len else 0,
+                           objective=objective, hyper=hyper)
+    if objective is not None:
+        rank_zero_only(print)(f"objective: {objective_line(args, hyper)}", flush=True)
     world = args.devices * args.num_nodes
     schedule = LearningRateSchedule(step_offset + total_steps, args.lr_init, args.lr_final, args.warmup_steps, args.lr_schedule)
     validation = [] if val_dataset is None else [Validation(
         val_dataset, window_count(val_dataset, args.val_tokens, args.ctx_len, world), args.val_every or args.epoch_steps,
         args.micro_bsz, module.chunk_ctx)]
-    log = TrainLog(args.proj_dir, schedule, args.ctx_len * args.micro_bsz * world * args.accumulate_grad_batches,
-                   args.epoch_steps, total_steps, args.epoch_begin, val_losses=validation[0].losses if validation else None)
+    log = TrainLog(args.proj_dir, schedule, tokens_per_step(args), args.epoch_steps, total_steps, args.epoch_begin,
+                   val_losses=validation[0].losses if validation else None, metrics=metric_names(objective, hyper))
     saver = Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
                          args.keep_last, args.save_every_minutes,
                          on_saved=(lambda step: run_dir.record(resume_step=step)) if run_dir else None)
@@ -269,6 +285,89 @@ def run(args, run_dir, console=None):
             from src.state_file import state_beside
             print(f"or export its state (RWKV-Runner, the rwkv package) with: python export.py --adapter "
                   f"{shlex.quote(last)} --format state --output {shlex.quote(state_beside(last))}", flush=True)
+
+
+PREFERENCE = ("dpo", "simpo", "orpo")
+BASE_PARTS = ("ln", "time", "emb", "head")
+
+
+def check_objective(args):
+    """--objective and its hyperparameters, and the data and training it needs: one sentence each."""
+    if args.objective not in ("sft",) + PREFERENCE:
+        raise ValueError(f"Unknown --objective {args.objective!r}: choose sft, dpo, simpo or orpo.")
+    if (args.objective == "sft") != (args.data_type != "preference"):
+        raise ValueError(f"--objective {args.objective} does not train on --data_type {args.data_type}: preference "
+                         "pairs are for --objective dpo, simpo or orpo, and these need --data_type preference.")
+    given = [f for f, v, default in (("--pref_beta", args.pref_beta, None), ("--simpo_gamma", args.simpo_gamma, None),
+                                      ("--orpo_lambda", args.orpo_lambda, 0.1), ("--sft_weight", args.sft_weight, 0.0))
+             if v != default and f not in {"dpo": ("--pref_beta", "--sft_weight"), "simpo": ("--pref_beta", "--simpo_gamma"),
+                                           "orpo": ("--orpo_lambda",)}.get(args.objective, ())]
+    if given:
+        raise ValueError(f"{given[0]} is not an option of --objective {args.objective}: drop it (DPO: --pref_beta, "
+                         "--sft_weight; SimPO: --pref_beta, --simpo_gamma; ORPO: --orpo_lambda).")
+    if args.pref_beta is not None and not args.pref_beta > 0:
+        raise ValueError(f"--pref_beta {args.pref_beta} must be a positive number: at 0 the loss is constant and "
+                         "nothing is learnt (DPO's usual beta is 0.1, SimPO's 2).")
+    for flag, value in (("--orpo_lambda", args.orpo_lambda), ("--sft_weight", args.sft_weight)):
+        if not value >= 0:
+            raise ValueError(f"{flag} {value} must be 0 or more.")
+    if args.objective != "sft" and (args.val_data or args.val_split):
+        raise ValueError("--val_data and --val_split do not yet validate preference objectives: drop them.")
+    if args.objective != "dpo":
+        return
+    parts = [p for p in args.train_parts.split(",") if p in BASE_PARTS]
+    if args.peft == "none" or parts:
+        raise ValueError(f"--objective dpo takes its reference from the trained tensors' starting values, which is "
+                         f"cheap for an adapter or a state but not for base weights (--train_parts "
+                         f"{','.join(parts) or args.train_parts}): train an adapter or a state only (--peft bone, lora "
+                         "or state, --train_parts state), or use --objective simpo or orpo, which need no reference.")
+    if args.strategy.startswith("deepspeed_stage_3"):
+        raise ValueError("--objective dpo does not run under ZeRO-3 yet (the reference pass swaps the adapter's "
+                         "tensors, which ZeRO-3 holds in shards): use --strategy deepspeed_stage_2 (the adapter is "
+                         "small; stage 2 still shards its optimizer state and gradients).")
+
+
+def preference(args):
+    """(the objective from src/objectives, its keyword arguments), or (None, {}) for sft."""
+    if args.objective == "sft":
+        return None, {}
+    from src.objectives import OBJECTIVES
+    objective = OBJECTIVES[args.objective]
+    beta = args.pref_beta if args.pref_beta is not None else objective.beta_default
+    hyper = {"dpo": lambda: dict(beta=beta, sft_weight=args.sft_weight),
+             "simpo": lambda: dict(beta=beta, gamma=beta / 2 if args.simpo_gamma is None else args.simpo_gamma),
+             "orpo": lambda: dict(lam=args.orpo_lambda)}[args.objective]()
+    return objective, hyper
+
+
+def objective_line(args, hyper):
+    """The run's first word on its objective: its hyperparameters and, for DPO, which reference it uses."""
+    values = ", ".join(f"{'lambda' if k == 'lam' else k} {v:g}" for k, v in hyper.items())
+    line = f"{args.objective} ({values})"
+    if args.objective == "dpo":
+        start = (f"the base with the adapter loaded from {args.bone_load}" if args.bone_load else
+                 "the base alone (a fresh adapter or state makes no update)")
+        line += (f"; the reference is the model as the run starts, {start}: the trained tensors' starting values "
+                 "switched in for one more forward pass without gradients each step")
+    else:
+        line += "; no reference model"
+    return line
+
+
+def metric_names(objective, hyper):
+    """The objective's metrics (log.csv's columns after the usual ones), read off one call of its loss."""
+    if objective is None:
+        return ()
+    import torch
+    from src.objectives import PairLogps
+    one = torch.zeros(1)
+    return tuple(objective.loss(PairLogps(one, one - 1, one + 1, one + 1, one, one), **hyper)[1])
+
+
+def tokens_per_step(args):
+    """Tokens a step reads: a preference item is a pair, two sequences of ctx_len."""
+    pair = 2 if args.data_type == "preference" else 1
+    return pair * args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * args.devices * args.num_nodes
 
 
 def merged_name(adapter, fmt="pth"):
@@ -450,9 +549,12 @@ def describe(model, args, bone):
 def settings(model, args, bone):
     """What the run's adapters depend on, as run.json records it for --resume to compare."""
     meta = bone.adapter_meta(model)
-    return {"base model": f"{os.path.basename(args.load_model)} ({os.path.getsize(args.load_model):,} bytes)",
-            "adapter mode": meta["mode"], "r": meta["r"], "targets": meta["targets"],
-            "train parts": meta["train_parts"], "lora_alpha": meta["lora_alpha"], "quant": args.quant}
+    found = {"base model": f"{os.path.basename(args.load_model)} ({os.path.getsize(args.load_model):,} bytes)",
+             "adapter mode": meta["mode"], "r": meta["r"], "targets": meta["targets"],
+             "train parts": meta["train_parts"], "lora_alpha": meta["lora_alpha"], "quant": args.quant}
+    if args.objective != "sft":     # (an sft run records nothing new: its earlier resume points still match)
+        found["objective"] = f"{args.objective} {preference(args)[1]}"
+    return found
 
 
 def check_run(run_dir, args, now, total_steps):
@@ -496,7 +598,7 @@ def record_run(run_dir, args, config, dataset, val_dataset, total_steps, precisi
             print(f"--resume: options changed since the run's last command: {'; '.join(changed)}", flush=True)
     world = args.devices * args.num_nodes
     resolved = {"total_steps": total_steps,
-                "tokens_per_step": args.ctx_len * args.micro_bsz * args.accumulate_grad_batches * world,
+                "tokens_per_step": tokens_per_step(args),
                 "world_size": world, "accelerator": accelerator, "precision": precision,
                 "model": {"file": os.path.abspath(args.load_model), "bytes": os.path.getsize(args.load_model),
                           "family": config.family, **dataclasses.asdict(config)},

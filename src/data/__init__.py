@@ -11,6 +11,7 @@ from .chat import LOSS_ON, LOSS_WHAT, ChatFormat, cut_at_turns, iter_chat, read_
 from .common import EOD, DataError, check_ids
 from .samples import DocumentStream, PaddedDataset, Samples, WindowDataset, held_out, padded_sft
 from .sft import SFT_TEMPLATE, read_sft, sft_parts
+from .preference import preference_dataset, read_pairs
 from .text import iter_jsonl
 
 __all__ = ["BinIdx", "BinIdxWriter", "ChatFormat", "DATA_TYPES", "LOSS_ON", "DataError", "DocumentStream", "EOD", "PaddedDataset",
@@ -18,7 +19,7 @@ __all__ = ["BinIdx", "BinIdxWriter", "ChatFormat", "DATA_TYPES", "LOSS_ON", "Dat
            "iter_chat", "held_out",
            "iter_jsonl", "make_dataset", "padded_sft", "read_sft", "sft_parts", "write_binidx"]
 
-DATA_TYPES = ("binidx", "jsonl", "sft", "sft_padded", "chat", "chat_padded")
+DATA_TYPES = ("binidx", "jsonl", "sft", "sft_padded", "chat", "chat_padded", "preference")
 
 
 def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=None, *,
@@ -33,7 +34,8 @@ def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=
     sft_padded  the same documents one per sample, padded with EOD (masked), cut at ctx_len+1;
     chat        conversations (src/data/chat.py; `chat` a ChatFormat: fields, role names, loss_on),
                 windows over the joined conversations, loss on the learnt replies;
-    chat_padded the same conversations one per sample, a longer one cut at a turn's end.
+    chat_padded the same conversations one per sample, a longer one cut at a turn's end;
+    preference  {"prompt", "chosen", "rejected"} pairs (src/data/preference.py), one pair per sample.
     num_samples (windows only) is the epoch length, by default tokens // ctx_len.
     val_split > 0: only the documents `held_out` (part="val") or only the others (part="train")."""
     if data_type not in DATA_TYPES:
@@ -46,6 +48,17 @@ def make_dataset(data_file, data_type, ctx_len, vocab_size, seed=0, num_samples=
     if tokenizer is None and data_type != "binidx":
         from ..tokenizer import world_tokenizer
         tokenizer = world_tokenizer()
+
+    if data_type == "preference":
+        pairs = read_pairs(data_file, tokenizer, chat or ChatFormat())
+        check_ids(np.concatenate([ids for p in pairs for ids in (p[1], p[3])]), vocab_size, data_file)
+        what = f"{len(pairs):,} preference pairs"
+        if val_split:
+            out = held_out(len(pairs), val_split, seed, data_file)
+            keep = out if part == "val" else np.setdiff1d(np.arange(len(pairs)), out)
+            pairs = [pairs[i] for i in keep]
+            what += f", {'the' if part == 'val' else 'all but the'} {len(out):,} held out for validation"
+        return preference_dataset(pairs, ctx_len, seed, f"{data_type} {data_file}: {what}, one pair per sample")
 
     bounds = None
     if data_type == "binidx":
@@ -121,6 +134,10 @@ def documents(data_file, data_type, tokenizer, *, text_field="text", prompt_fiel
         docs, masks = read_sft(data_file, tokenizer, prompt_field, response_field, template)
         for n, (ids, mask) in enumerate(zip(docs, masks), 1):
             yield f"{data_file} document {n}", ids, mask
+    elif data_type == "preference":
+        for where, ids_c, mask_c, ids_r, mask_r in read_pairs(data_file, tokenizer, chat or ChatFormat()):
+            yield f"{where} chosen", ids_c, mask_c
+            yield f"{where} rejected", ids_r, mask_r
     else:
         chat = chat or ChatFormat(prompt_field=prompt_field, response_field=response_field)
         for where, _, ids, mask, _ in iter_chat(data_file, tokenizer, chat):

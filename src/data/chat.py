@@ -155,10 +155,12 @@ def data_files(data_file):
     return files
 
 
-def records(path, fmt):
-    """(where, record) for each record of one file or save_to_disk directory."""
+def records(path, fmt, pick=None):
+    """(where, record) for each record of one file or save_to_disk directory. pick(path, names): the
+    columns of a table to read (by default those holding conversations, see columns)."""
+    pick = pick or (lambda where, names: columns(where, names, fmt))
     if os.path.isdir(path):
-        yield from saved_dataset(path, fmt)
+        yield from saved_dataset(path, pick)
     elif path.endswith(".jsonl"):
         for n, record, _ in iter_json_lines(path):
             yield f"{path} line {n}", record
@@ -174,7 +176,7 @@ def records(path, fmt):
         for n, record in enumerate(data, 1):
             yield f"{path} record {n}", record
     else:
-        yield from parquet_rows(path, fmt)
+        yield from parquet_rows(path, pick)
 
 
 def columns(path, names, fmt):
@@ -189,20 +191,20 @@ def columns(path, names, fmt):
     return found
 
 
-def parquet_rows(path, fmt):
+def parquet_rows(path, pick):
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:      # pyarrow raises several kinds for a file that is not parquet
         raise DataError(f"{path} is not a readable parquet file ({e}).") from None
     n = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=columns(path, pf.schema_arrow.names, fmt)):
+    for batch in pf.iter_batches(batch_size=1024, columns=pick(path, pf.schema_arrow.names)):
         for record in batch.to_pylist():
             n += 1
             yield f"{path} row {n}", record
 
 
-def saved_dataset(path, fmt):
+def saved_dataset(path, pick):
     """Rows of a directory written by HF datasets' save_to_disk (local files only: no hub)."""
     import datasets
     try:
@@ -213,7 +215,7 @@ def saved_dataset(path, fmt):
         if "train" not in data and len(data) != 1:
             raise DataError(f"{path} holds the splits {', '.join(data)}: name one, e.g. {os.path.join(path, next(iter(data)))}.")
         data = data["train"] if "train" in data else next(iter(data.values()))
-    data = data.select_columns(columns(path, data.column_names, fmt))
+    data = data.select_columns(pick(path, data.column_names))
     for n, record in enumerate(data, 1):
         yield f"{path} row {n}", record
 

@@ -95,10 +95,14 @@ class PaddedDataset(Samples):
 
     def sample(self, i):
         d = self.document(i)
+        return self.padded(self.docs[d], self.masks[d])
+
+    def padded(self, doc, doc_mask):
+        """The item of one document: its first ctx_len+1 tokens, padded with EOD (masked)."""
         ids = np.full(self.ctx_len + 1, EOD, np.int64)
         mask = np.zeros(self.ctx_len + 1, np.float32)
-        n = min(len(self.docs[d]), self.ctx_len + 1)
-        ids[:n], mask[:n] = self.docs[d][:n], self.masks[d][:n]
+        n = min(len(doc), self.ctx_len + 1)
+        ids[:n], mask[:n] = doc[:n], doc_mask[:n]
         return self.item(ids, mask)
 
 

@@ -55,8 +55,12 @@ class TrainLog(pl.Callback):
     every step up to its resume point) and the loss and learning-rate curves (proj_dir/loss.png:
     loss_figure) at each epoch end."""
 
-    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0, val_losses=None):
+    def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0, val_losses=None,
+                 metrics=()):
         self.val_losses = {} if val_losses is None else val_losses   # step -> loss, filled by Validation
+        # a preference objective's metrics (TRL's names: rewards/accuracies...), each a column after LOG_FIELDS
+        self.metrics, self.fields = tuple(metrics), LOG_FIELDS + tuple(metrics)
+        self.step_metrics = []
         self.csv_path = os.path.join(proj_dir, "log.csv")
         self.png_path = os.path.join(proj_dir, "loss.png")
         self.schedule, self.tokens_per_step = schedule, tokens_per_step
@@ -80,25 +84,34 @@ class TrainLog(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.step_losses.append(outputs["loss"].detach().float())
+        if self.metrics:
+            self.step_metrics.append(torch.stack([outputs[k].detach().float() for k in self.metrics]))
         if not optimizer_stepped(trainer, batch_idx):
             return
         loss = trainer.strategy.reduce(torch.stack(self.step_losses).mean(), reduce_op="mean").item()
         self.step_losses = []
+        metrics = {}
+        if self.metrics:    # each the mean over the step's micro-batches and the processes
+            values = trainer.strategy.reduce(torch.stack(self.step_metrics).mean(0), reduce_op="mean").tolist()
+            metrics, self.step_metrics = dict(zip(self.metrics, values)), []
         now = time.perf_counter()
         tokens_per_s = self.tokens_per_step / (now - self.last_time)
         self.last_time = now
         step = trainer.global_step
-        pl_module.log_dict({"loss": loss, "lr": self.schedule.lr, "tokens_per_s": tokens_per_s},
+        pl_module.log_dict({"loss": loss, "lr": self.schedule.lr, "tokens_per_s": tokens_per_s, **metrics},
                            on_step=True, rank_zero_only=True)      # for --logger tensorboard / wandb
         pl_module.log("step", float(step), on_step=True, rank_zero_only=True)   # the loggers' x axis: log.csv's step
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
                           "tokens_per_s": f"{tokens_per_s:.1f}",
-                          "val_loss": f"{self.val_losses[step]:.6f}" if step in self.val_losses else ""})
+                          "val_loss": f"{self.val_losses[step]:.6f}" if step in self.val_losses else "",
+                          **{k: f"{v:.6f}" for k, v in metrics.items()}})
         if not trainer.is_global_zero:
             return
         last_val = self.val_losses[max(self.val_losses)] if self.val_losses else None
         self.bar.set_description(self.epoch_label(step - 1), refresh=False)
-        self.bar.set_postfix_str(f"loss {loss:#.4g}" + (f", val_loss {last_val:#.4g}" if last_val is not None else "")
+        pref = "".join(f", {name} {metrics[key]:#.3g}" for key, name in (("rewards/accuracies", "acc"),
+                                                                          ("rewards/margins", "margin")) if key in metrics)
+        self.bar.set_postfix_str(f"loss {loss:#.4g}" + pref + (f", val_loss {last_val:#.4g}" if last_val is not None else "")
                                  + f", lr {self.schedule.lr:.3g}, {readable_rate(tokens_per_s)}", refresh=False)
         self.bar.update(1)
         self.write_csv()
@@ -117,7 +130,7 @@ class TrainLog(pl.Callback):
 
     def write_csv(self):
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(text, fieldnames=self.fields)
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write(self.csv_path, lambda f: f.write(text.getvalue().encode()))

@@ -94,3 +94,38 @@ def _head_loss(head, x, targets, mask, n_tokens, denom, sink):
 
 def _plain_piece_loss(head, x, targets, mask, n_tokens, denom):
     return masked_lm_loss(head(x), targets, mask, n_tokens, denom)
+
+
+def sequence_logps(model, idx, targets, mask, chunk_ctx=0):
+    """[rows] each row's sum of log p(target) over its unmasked targets (the preference objectives'
+    logp of a reply), with the same pieces as lm_loss: chunk_ctx > 0 runs the rows chunk_ctx tokens
+    at a time with exact gradients, and the logits exist a block of tokens at a time (recomputed in
+    the backward pass). L2Wrap acts on every position's logits as in lm_loss, its divisor the batch's
+    token count: it is the same nudge on the largest logit, whatever the objective."""
+    n_tokens = targets.numel()
+    T = idx.shape[1]
+    step = chunk_ctx if chunk_ctx > 0 else T
+    grad = torch.is_grad_enabled()
+    state, total = None, 0.0
+    for s in range(0, T, step):
+        piece = slice(s, min(T, s + step))
+        if step < T and grad:
+            x, state = checkpoint(model.hidden, idx[:, piece], state, use_reentrant=False)
+            if x.device.type == "cpu":
+                _trim_between_pieces(state)
+        else:
+            x, state = model.hidden(idx[:, piece], state)
+        head, m = model.head, mask[:, piece]
+        block = max(1, head_loss_mod.BLOCK_ELEMENTS // head.out_features)
+        for b in range(0, x.shape[1], block):
+            b = slice(b, b + block)
+            args = (head, x[:, b], targets[:, piece][:, b], m[:, b], n_tokens)
+            total = total + (checkpoint(_piece_logps, *args, use_reentrant=False) if grad else _piece_logps(*args))
+    return total
+
+
+def _piece_logps(head, x, targets, mask, n_tokens):
+    logits = head(x)
+    logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    sums = (logps.gather(-1, targets[..., None]).squeeze(-1) * mask.to(logps.dtype)).sum(1)
+    return L2Wrap.apply(sums, logits, n_tokens) if torch.is_grad_enabled() else sums

@@ -2,12 +2,12 @@
 import pytorch_lightning as pl
 import torch
 
-from .loss import lm_loss
+from .loss import lm_loss, sequence_logps
 
 
 class RWKVLightning(pl.LightningModule):
     def __init__(self, model, lr_init, betas=(0.9, 0.99), adam_eps=1e-8, weight_decay=0.0, cpu_adam=False, chunk_ctx=0,
-                 state_lr_scale=1.0):
+                 state_lr_scale=1.0, objective=None, hyper=None):
         super().__init__()
         self.model = model
         self.lr_init, self.betas, self.adam_eps = lr_init, betas, adam_eps
@@ -16,6 +16,12 @@ class RWKVLightning(pl.LightningModule):
         self.chunk_ctx = chunk_ctx    # > 0: run each sample this many tokens at a time (exact gradients)
         self.state_lr_scale = state_lr_scale    # the initial states' lr over the rest's (--lr_state / --lr_init)
         self.strict_loading = False   # resume points leave the frozen base out
+        # A preference objective (src/objectives; None: the language-model loss), its hyperparameters, and for
+        # DPO the trained tensors' starting values, the reference (src/training/reference.py)
+        self.objective, self.hyper = objective, hyper or {}
+        if objective is not None and objective.needs_reference:
+            from .reference import StartingValues
+            self.reference = StartingValues(model)
 
     def on_save_checkpoint(self, checkpoint):
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
@@ -24,7 +30,27 @@ class RWKVLightning(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         idx, targets, mask = batch
-        return lm_loss(self.model, idx, targets, mask, self.chunk_ctx)
+        if self.objective is None:
+            return lm_loss(self.model, idx, targets, mask, self.chunk_ctx)
+        loss, metrics = self.preference_loss(idx, targets, mask)
+        return {"loss": loss, **metrics}
+
+    def pair_logps(self, idx, targets, mask, reference=False):
+        """PairLogps of a batch of pairs ([B, 2, T]: chosen, rejected): the summed log-probs of the learnt
+        reply tokens; the reference's too when the objective needs it (one more pass, without gradients)."""
+        from ..objectives import PairLogps
+        rows = [t.flatten(0, 1) for t in (idx, targets, mask)]      # [2B, T]: chosen, rejected, chosen, ...
+        logps = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2)
+        counts = mask.sum(-1)
+        ref = (None, None)
+        if reference:
+            with torch.no_grad(), self.reference.switched_in(self.model):
+                ref = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2).unbind(1)
+        return PairLogps(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], *ref)
+
+    def preference_loss(self, idx, targets, mask):
+        pair = self.pair_logps(idx, targets, mask, reference=self.objective.needs_reference)
+        return self.objective.loss(pair, **self.hyper)
 
     def configure_optimizers(self):
         # Weight decay pulls matrices (adapters start at zero: towards the base model); never

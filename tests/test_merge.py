@@ -62,7 +62,6 @@ def runtime_logits(path, ids):
     ("small7", "bone", 32), ("small7", "bat", 8), ("small7", "lora", 8),   # RWKV-7: the rwkv package in x070 mode
     ("deep7", "bone", 64),    # 32 -> 128 and back: r larger than the attention input, padded
 ])
-@pytest.mark.numerical
 def test_fp32_merge_matches_the_adapter_model_in_the_rwkv_runtime(tmp_path, shape, mode, r):
     base, adapter = make_pair(tmp_path, shape, mode, r)
     out = tmp_path / "merged.pth"
@@ -88,7 +87,6 @@ def _report(text):
     return rows
 
 
-@pytest.mark.numerical
 def test_bf16_merge_is_within_bf16_tolerance_and_the_report_is_right(tmp_path, capsys):
     base, adapter = make_pair(tmp_path, "deep", "bone", 64)
     out = tmp_path / "merged.pth"
@@ -354,7 +352,6 @@ def test_stream_checkpoint_leaves_nothing_when_it_fails(tmp_path):
     assert os.listdir(tmp_path) == ["o.pth"] and (tmp_path / "o.pth").read_bytes() == b"old"
 
 
-@pytest.mark.numerical
 def test_verify_verdict_fails_a_lossy_merge(tmp_path, capsys):
     """--verify: PASS for the default (auto) merge of a small update, FAIL and exit 1 when bf16 is
     forced and rounds most of that update away; the default prompt is the neutral one."""

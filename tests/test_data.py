@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import EOD, BinIdx, DataError, make_dataset, write_binidx
+from src.data import DATA_TYPES, EOD, BinIdx, DataError, make_dataset, write_binidx
 from src.tokenizer import world_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +241,7 @@ BAD = {  # name: (make the file, data_type, ctx_len, vocab_size, what the senten
                        "sft", 2, 65536, r'line 2 has an empty "response": nothing to learn'),
     "responses beyond ctx_len": (lambda p: write_jsonl(p / "t.jsonl", [{"prompt": "word " * 20, "response": "b"}]),
                                  "sft_padded", 8, 65536, r"no document has a response token within its first 9 tokens"),
-    "unknown type": (lambda p: bad_binidx(p), "text", 2, 65536, r"data_type must be one of binidx, jsonl, sft, sft_padded, chat, chat_padded, not 'text'"),
+    "unknown type": (lambda p: bad_binidx(p), "text", 2, 65536, f"data_type must be one of {', '.join(DATA_TYPES)}, not 'text'"),
     "not binidx": (lambda p: patched_idx(p, 0, b"NOTMAGIC!"), "binidx", 2, 65536, r"is not a Megatron binidx index"),
     "float tokens": (lambda p: patched_idx(p, 17, b"\x07"), "binidx", 2, 65536, r"floating-point numbers, not token ids"),
 }

@@ -265,7 +265,7 @@ def test_a_flag_typo_is_one_line_with_the_flag_meant():
      "(merge.py --help lists all)"),
     (merge.main, ["--base_model", "b.pth", "--adapter", "a.pth", "--ouput", "m.pth"],
      "merge.py: unknown option --ouput; did you mean --output? (merge.py --help lists all)"),
-    (generate.main, ["--model", "m.pth"], "generate.py: give --prompt or --prompt_file (generate.py --help lists all)"),
+    (generate.main, ["--model", "m.pth"], "generate.py: give --prompt or --prompt_file or --chat (generate.py --help lists all)"),
     (generate.main, ["--model", "m.pth", "--prompt", "x", "--temperature"],
      "generate.py: --temperature needs a value (generate.py --help lists all)"),
     (export.main, ["--model", "m.pth", "--format", "gguf", "--output", "m.gguf", "--dtyp=fp16", "--quite"],

@@ -36,7 +36,10 @@ def test_the_readme_recipe_works_as_written(tmp_path):
     script = script.replace(f"adapter-{steps:07d}", f"adapter-{3 * 2:07d}")
     # The user's clone: the code, no data and no out/ yet.
     clone = tmp_path / "clone"
-    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".git", "out", "data", "__pycache__", ".pytest_cache"))
+    def left_out(directory, names):     # the clone's own out/ and data/, not src/data/
+        top = {"out", "data"} if os.path.samefile(directory, ROOT) else set()
+        return [n for n in names if n in top or n in (".git", "__pycache__", ".pytest_cache")]
+    shutil.copytree(ROOT, clone, ignore=left_out)
     make_checkpoint(str(clone / model), vocab_size=65536, n_embd=64, n_layer=2, head_size=32, seed=0)
     with open(clone / "mydata.jsonl", "w") as f:
         for i in range(60):

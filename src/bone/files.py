@@ -165,7 +165,7 @@ def _legacy_meta(sd, source, family=None):
     for k, v in sd.items():
         if k.endswith(".bone") and isinstance(v, torch.Tensor):
             modes.add("bone" if v.dim() == 2 else "bat" if v.dim() == 3 else "?")
-            ranks[k[:-len(".bone")]] = v.shape[0] if v.dim() == 2 else v.shape[-1]
+            ranks[k[:-len(".bone")]] = v.shape[0] if v.dim() == 2 else v.shape[-1] if v.dim() else 0
     if not ranks or "?" in modes or len(modes) > 1:
         raise AdapterError(f"{source} has no {META_KEY} entry and no consistent .bone tensors: it is not an adapter file.")
     empty = [k for k, r in ranks.items() if r < 1]

@@ -559,14 +559,14 @@ def settings(model, args, bone):
 
 def check_run(run_dir, args, now, total_steps):
     """--resume: the run's recorded settings must be this command's, and it must have steps left."""
-    from src.training.rundir import differences
+    from src.training.rundir import differences, resume_point_step
     recorded = run_dir.recorded() or {}
     if args.resume and "settings" in recorded:
         diff = differences(recorded["settings"], now)
         if diff:
             raise ValueError(f"--resume: the run in {args.proj_dir} was started with other settings ({'; '.join(diff)}): "
                              "resume with the run's own settings, or start a new run in another --proj_dir.")
-        done = recorded.get("resume_step", 0)
+        done = resume_point_step(args.proj_dir) or recorded.get("resume_step", 0)
         if done >= total_steps:
             raise ValueError(f"--resume: the run in {args.proj_dir} already finished at step {done}: to train further, "
                              f"raise --epoch_count or --max_steps beyond {done}.")
@@ -580,7 +580,7 @@ def record_run(run_dir, args, config, dataset, val_dataset, total_steps, precisi
     import dataclasses
     import platform
     from importlib import metadata
-    from src.training.rundir import differences
+    from src.training.rundir import differences, resume_point_step
 
     def version(name):
         try:

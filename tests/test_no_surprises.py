@@ -20,6 +20,7 @@ import make_binidx  # noqa: E402
 from src.bone import BoneConfig, apply_adapters, save_adapter
 from src.checkpoint import atomic_save, load_state_dict, make_checkpoint
 from src.model import RWKV6
+from src.training.rundir import resume_point_step, run_state
 from tests.test_train import ROOT, losses, setup, train as run_train  # noqa: F401 (setup is a fixture)
 from tests.tiny import save_random_checkpoint
 
@@ -239,6 +240,14 @@ def test_kill_9_keeps_the_log_up_to_the_resume_point_and_a_timed_resume_point(se
     step = json.load(open(out / "run.json"))["resume_step"]
     assert 0 < step < 1000 and not adapters(out)      # the resume point came from the clock, not a step count
     assert set(range(1, step + 1)) <= set(losses(out))
+    # run.json records the step just after the point is swapped in; a kill between the two must not make
+    # the demo call the run "stopped": the step is read from the resume point itself.
+    held = resume_point_step(str(out))
+    assert held is not None and held >= step
+    record = json.load(open(out / "run.json"))
+    del record["resume_step"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert run_state(str(out)) == ("resumable", held)
 
 
 # --- make_binidx.py and merge.py ------------------------------------------------------------------------

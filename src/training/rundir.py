@@ -153,6 +153,23 @@ def check_resume_point(path):
             raise damaged(f"{os.path.basename(file)} fails its checksum in {bad}")
 
 
+def resume_point_step(proj_dir):
+    """The step the resume point in proj_dir holds, read from the point itself (run.json records it
+    just after the point is swapped in, so a kill between the two leaves the record behind), or None."""
+    import torch
+    for name in ("resume", "resume.old"):
+        path = os.path.join(proj_dir, name)
+        try:
+            if os.path.isdir(path):
+                with open(os.path.join(path, "latest")) as f:
+                    path = os.path.join(path, f.read().strip(), "mp_rank_00_model_states.pt")
+            if os.path.isfile(path):
+                return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+        except Exception:       # damaged or another layout: --resume says what is wrong with it
+            continue
+    return None
+
+
 def differences(recorded, now):
     """Sentences naming what differs between the settings a run recorded and this command's."""
     out = []
@@ -180,7 +197,7 @@ def run_state(proj_dir):
         recorded = run_dir.recorded() or {}
     except ValueError:      # a damaged run.json: nothing to resume from
         return "stopped", 0
-    step = recorded.get("resume_step", 0)
+    step = resume_point_step(proj_dir) or recorded.get("resume_step", 0)
     if "total_steps" in recorded and step >= recorded["total_steps"]:
         return "finished", step
     if step and any(os.path.exists(os.path.join(proj_dir, n)) for n in ("resume", "resume.old")):

@@ -250,7 +250,8 @@ def run(args, run_dir, console=None):
         val_dataset, window_count(val_dataset, args.val_tokens, args.ctx_len, world), args.val_every or args.epoch_steps,
         args.micro_bsz, module.chunk_ctx)]
     log = TrainLog(args.proj_dir, schedule, tokens_per_step(args), args.epoch_steps, total_steps, args.epoch_begin,
-                   val_losses=validation[0].losses if validation else None, metrics=metric_names(objective, hyper))
+                   val_losses=validation[0].losses if validation else None, metrics=metric_names(objective, hyper),
+                   val_accuracies=validation[0].accuracies if validation else None)
     saver = Checkpointer(args.proj_dir, bone.save_adapter, args.save_every_steps, args.epoch_steps, args.epoch_save,
                          args.keep_last, args.save_every_minutes,
                          on_saved=(lambda step: run_dir.record(resume_step=step)) if run_dir else None)
@@ -311,8 +312,6 @@ def check_objective(args):
     for flag, value in (("--orpo_lambda", args.orpo_lambda), ("--sft_weight", args.sft_weight)):
         if not value >= 0:
             raise ValueError(f"{flag} {value} must be 0 or more.")
-    if args.objective != "sft" and (args.val_data or args.val_split):
-        raise ValueError("--val_data and --val_split do not yet validate preference objectives: drop them.")
     if args.objective != "dpo":
         return
     parts = [p for p in args.train_parts.split(",") if p in BASE_PARTS]

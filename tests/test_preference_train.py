@@ -2,7 +2,8 @@
 starting values switched in) against the starting model loaded fresh, in fp32, from its files (the base,
 and for --bone_load the adapter merged into it by merge.py's code), log-probs computed here from the
 plain logits; DPO's loss at the start is ln 2 with zero rewards for each kind of trained tensor; and a
-ZeRO-2 Bone run on each family learns an easy preference set, logging TRL's metrics."""
+ZeRO-2 Bone run on each family (and on an nf4-quantized base) learns an easy preference set, logging TRL's
+metrics, and repeats its losses after kill -9 and --resume."""
 import csv
 import json
 import math
@@ -22,25 +23,35 @@ from tests.test_train import ROOT, free_port
 from tests.tiny import randomize, save_random_checkpoint
 
 CTX = 24
-VARIANTS = {"bone": ["--bone_r", "16"], "lora": ["--peft", "lora", "--lora_r", "4"], "state": ["--peft", "state"],
+VARIANTS = {"bone": ["--bone_r", "16"], "bat": ["--bone_r", "16", "--bone_mode", "bat"],
+            "mini": ["--bone_r", "16", "--bone_mode", "mini", "--bone_mini_r", "8"],
+            "lora": ["--peft", "lora", "--lora_r", "4"], "state": ["--peft", "state"],
             "bone_load": ["--bone_r", "16", "--bone_load", "ADAPTER"]}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def make_world(d, shape):
     """A tiny model with the World vocabulary (the pairs are World tokens), an SFT adapter for it, and an
     easy preference set: the same chosen and rejected reply for every prompt."""
-    d = tmp_path_factory.mktemp("pref")
-    ckpt, _, _ = save_random_checkpoint(str(d), "world", seed=0)
+    ckpt, _, _ = save_random_checkpoint(str(d), shape, seed=0)
     model = family.from_checkpoint(ckpt, dtype=torch.float32, op="cpu")
     bone.apply_adapters(model, bone.BoneConfig.from_dict({"r": 16}), verbose=False)
     randomize(model, seed=3, scale=0.05)
-    adapter = str(d / "sft.pth")
+    adapter = str(d / f"sft-{shape}.pth")
     bone.save_adapter(model, adapter)
     with open(d / "easy.jsonl", "w") as f:
         for i in range(24):
             f.write(json.dumps({"prompt": f"Is {i} a number?", "chosen": "Yes, it is.", "rejected": "No idea."}) + "\n")
     return d, ckpt, adapter
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("pref"), "world")
+
+
+@pytest.fixture(scope="module")
+def world7(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("pref7"), "world7")
 
 
 def build(ckpt, flags, objective="dpo"):
@@ -118,12 +129,12 @@ def run_train(d, ckpt, out, *extra):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("shape", ["world", "world7"])
-def test_dpo_under_zero2_learns_an_easy_preference(world, tmp_path, shape):
-    d = world[0]
-    ckpt = world[1] if shape == "world" else save_random_checkpoint(str(tmp_path), shape, seed=0)[0]
+@pytest.mark.parametrize("shape, extra", [("world", []), ("world7", []), ("world", ["--quant", "nf4"])],
+                         ids=["x060", "x070", "x060-nf4"])
+def test_dpo_under_zero2_learns_an_easy_preference(request, tmp_path, shape, extra):
+    d, ckpt, _ = request.getfixturevalue(shape)
     rc, output = run_train(d, ckpt, tmp_path / "run", "--objective", "dpo", "--bone_r", "16",
-                           "--strategy", "deepspeed_stage_2")
+                           "--strategy", "deepspeed_stage_2", *extra)
     assert rc == 0, output[-3000:]
     assert "the reference is the model as the run starts, the base alone" in output
     with open(tmp_path / "run" / "log.csv") as f:
@@ -185,12 +196,13 @@ def test_chunk_ctx_gives_the_plain_pass_gradients(world):
         torch.testing.assert_close(grads[1][1][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_dpo_sigkill_then_resume_repeats_the_losses(world, tmp_path):
+@pytest.mark.parametrize("shape", ["world", "world7"], ids=["x060", "x070"])
+def test_dpo_sigkill_then_resume_repeats_the_losses(request, tmp_path, shape):
     """A DPO run continuing an SFT adapter, killed after its first resume point and resumed, logs the
     uninterrupted run's losses and rewards: the resumed run's reference is still the loaded adapter."""
     import signal
     import time
-    d, ckpt, adapter = world
+    d, ckpt, adapter = request.getfixturevalue(shape)
     extra = ["--objective", "dpo", "--bone_r", "16", "--bone_load", adapter, "--strategy", "deepspeed_stage_2",
              "--save_every_steps", "2", "--epoch_steps", "8"]
     rc, output = run_train(d, ckpt, tmp_path / "straight", *extra)
@@ -220,3 +232,31 @@ def test_dpo_sigkill_then_resume_repeats_the_losses(world, tmp_path):
     for step in a:
         for key in ("loss", "rewards/chosen", "rewards/margins"):
             assert float(b[step][key]) == pytest.approx(float(a[step][key]), rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_validation_reports_the_held_out_loss_and_preference_accuracy(world, tmp_path):
+    """--val_split with DPO: log.csv's val_loss and val_accuracy at the last step are those computed here
+    from the plain logits of the run's final adapter and of the base (the reference) on the held-out pairs;
+    loss.png has its accuracy panel."""
+    from src.generation import load_model
+    from src.objectives import OBJECTIVES, PairLogps
+    d, ckpt, _ = world
+    out = tmp_path / "run"
+    rc, output = run_train(d, ckpt, out, "--objective", "dpo", "--bone_r", "16", "--val_split", "0.25",
+                           "--val_every", "3")
+    assert rc == 0, output[-3000:]
+    with open(out / "log.csv") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert rows[3]["val_accuracy"] and not rows[2]["val_accuracy"]
+    held = make_dataset(str(d / "easy.jsonl"), "preference", CTX, 65536, seed=1, val_split=0.25, part="val")
+    idx, targets, mask = [torch.stack(t) for t in zip(*(held[i] for i in range(len(held))))]
+    policy = plain_logps(load_model(ckpt, str(out / "adapter-0000006.pth")), idx, targets, mask)
+    ref = plain_logps(family.from_checkpoint(ckpt, dtype=torch.float32, op="cpu"), idx, targets, mask)
+    counts = mask.sum(-1)
+    loss, _ = OBJECTIVES["dpo"].loss(PairLogps(policy[:, 0], policy[:, 1], counts[:, 0], counts[:, 1],
+                                               ref[:, 0], ref[:, 1]), beta=0.1)
+    assert float(rows[6]["val_loss"]) == pytest.approx(loss.item(), rel=1e-4)
+    assert float(rows[6]["val_accuracy"]) == (policy[:, 0] > policy[:, 1]).double().mean().item()
+    assert f"held-out preference accuracy (chosen reply's logp above the rejected one's): {float(rows[6]['val_accuracy']):.3f} " \
+           f"at step 6 (first {float(rows[3]['val_accuracy']):.3f} at step 3, the starting model " in output
+    assert (out / "loss.png").exists()

@@ -56,10 +56,13 @@ class TrainLog(pl.Callback):
     loss_figure) at each epoch end."""
 
     def __init__(self, proj_dir, schedule, tokens_per_step, epoch_steps, total_steps, epoch_offset=0, val_losses=None,
-                 metrics=()):
+                 metrics=(), val_accuracies=None):
         self.val_losses = {} if val_losses is None else val_losses   # step -> loss, filled by Validation
-        # a preference objective's metrics (TRL's names: rewards/accuracies...), each a column after LOG_FIELDS
-        self.metrics, self.fields = tuple(metrics), LOG_FIELDS + tuple(metrics)
+        # a preference objective's metrics (TRL's names: rewards/accuracies...), each a column after LOG_FIELDS,
+        # then the held-out preference accuracy (Validation fills it)
+        self.val_accuracies = {} if val_accuracies is None else val_accuracies
+        self.metrics = tuple(metrics)
+        self.fields = LOG_FIELDS + self.metrics + (("val_accuracy",) if self.metrics else ())
         self.step_metrics = []
         self.csv_path = os.path.join(proj_dir, "log.csv")
         self.png_path = os.path.join(proj_dir, "loss.png")
@@ -104,13 +107,17 @@ class TrainLog(pl.Callback):
         self.rows.append({"step": step, "loss": f"{loss:.6f}", "lr": f"{self.schedule.lr:.6e}",
                           "tokens_per_s": f"{tokens_per_s:.1f}",
                           "val_loss": f"{self.val_losses[step]:.6f}" if step in self.val_losses else "",
-                          **{k: f"{v:.6f}" for k, v in metrics.items()}})
+                          **{k: f"{v:.6f}" for k, v in metrics.items()},
+                          **({"val_accuracy": f"{self.val_accuracies[step]:.6f}" if step in self.val_accuracies else ""}
+                             if self.metrics else {})})
         if not trainer.is_global_zero:
             return
         last_val = self.val_losses[max(self.val_losses)] if self.val_losses else None
         self.bar.set_description(self.epoch_label(step - 1), refresh=False)
         pref = "".join(f", {name} {metrics[key]:#.3g}" for key, name in (("rewards/accuracies", "acc"),
                                                                           ("rewards/margins", "margin")) if key in metrics)
+        if self.val_accuracies:
+            pref += f", val_acc {self.val_accuracies[max(self.val_accuracies)]:#.3g}"
         self.bar.set_postfix_str(f"loss {loss:#.4g}" + pref + (f", val_loss {last_val:#.4g}" if last_val is not None else "")
                                  + f", lr {self.schedule.lr:.3g}, {readable_rate(tokens_per_s)}", refresh=False)
         self.bar.update(1)
@@ -146,11 +153,17 @@ class TrainLog(pl.Callback):
 
 def loss_figure(rows):
     """loss.png's figure from log.csv's rows: the training (and validation) loss, and the learning
-    rate on a second y axis, so a loss that jumps can be read against the schedule."""
+    rate on a second y axis, so a loss that jumps can be read against the schedule; for a
+    preference objective a second panel beneath: the reward accuracy (each step's, and its mean
+    over the last 10 steps) and the held-out preference accuracy."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    preference = "rewards/accuracies" in rows[0]
+    if preference:
+        fig, (ax, acc) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [int(r["step"]) for r in rows]
     lines = ax.plot(steps, [float(r["loss"]) for r in rows], lw=1, label="training loss")
     val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
@@ -166,6 +179,21 @@ def loss_figure(rows):
     ax.set_ylabel("loss")
     ax.set_title("training loss and learning rate")
     ax.grid(alpha=0.3)
+    if preference:
+        reward = [float(r["rewards/accuracies"]) for r in rows]
+        mean = [sum(reward[max(0, i - 9):i + 1]) / len(reward[max(0, i - 9):i + 1]) for i in range(len(reward))]
+        acc.plot(steps, reward, ".", ms=2, color="tab:blue", alpha=0.4, label="reward accuracy (each step)")
+        acc.plot(steps, mean, lw=1, color="tab:blue", label="reward accuracy (last 10 steps)")
+        held = [(int(r["step"]), float(r["val_accuracy"])) for r in rows if r.get("val_accuracy")]
+        if held:
+            acc.plot(*zip(*held), "o-", lw=1, ms=3, color="tab:orange", label="held-out preference accuracy")
+        acc.set_ylim(-0.02, 1.02)
+        acc.set_xlabel("step")
+        acc.set_ylabel("accuracy")
+        acc.legend(loc="lower right")
+        acc.grid(alpha=0.3)
+        ax.set_xlabel("")
+    fig.tight_layout()
     return fig
 
 

@@ -1,6 +1,9 @@
 """Validation: the mean loss of the model being trained on a fixed set of held-out windows (the
 same ones every time), every --val_every steps and at the end. Each process computes the loss
-sum over its share of the windows; the sums are reduced, so the mean is the whole set's."""
+sum over its share of the windows; the sums are reduced, so the mean is the whole set's.
+For a preference objective the windows are pairs: the objective's mean loss over them, and the
+held-out preference accuracy, the fraction of pairs whose chosen reply has the higher summed
+log-prob (the same measure whatever the objective, and for the base model)."""
 import pytorch_lightning as pl
 import torch
 
@@ -48,38 +51,63 @@ class Validation(pl.Callback):
         self.dataset, self.n_windows, self.every = dataset, n_windows, every
         self.micro_bsz, self.chunk_ctx = micro_bsz, chunk_ctx
         self.losses = {}    # step -> validation loss (TrainLog writes them to log.csv and loss.png)
+        self.accuracies = {}    # step -> held-out preference accuracy (preference objectives only)
+
+    def on_train_start(self, trainer, pl_module):
+        # A preference run's accuracy means most beside the starting model's (for DPO: the reference).
+        self.start = None
+        if pl_module.objective is not None and trainer.global_step == 0:
+            self.start = self.evaluate(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not optimizer_stepped(trainer, batch_idx):
             return
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
-            self.losses[step] = self.evaluate(trainer, pl_module)
+            self.losses[step], accuracy = self.evaluate(trainer, pl_module)
             pl_module.log("val_loss", self.losses[step], prog_bar=True, on_step=True, rank_zero_only=True)
+            if accuracy is not None:
+                self.accuracies[step] = accuracy
+                pl_module.log("val_accuracy", accuracy, on_step=True, rank_zero_only=True)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module):
-        """Sum of the loss over every unmasked target of this process's windows, and their
-        count; reduced over processes: the token mean over the whole validation set."""
+        """(loss, accuracy): sums over this process's windows, reduced over processes. Language
+        modelling: the token mean of the loss over the whole validation set, accuracy None. A
+        preference objective: the pair mean of its loss, and the held-out preference accuracy."""
         model, device = pl_module.model, pl_module.device
         training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        total = torch.zeros(3, dtype=torch.float64, device=device)    # loss sum, count, pairs preferred
         mine = list(range(trainer.global_rank, self.n_windows, trainer.world_size))
         with trainer.precision_plugin.forward_context():
             for b in range(0, len(mine), self.micro_bsz):
                 items = [self.dataset[i] for i in mine[b:b + self.micro_bsz]]
                 idx, targets, mask = (torch.stack(t).to(device) for t in zip(*items))
-                count = mask.sum()
-                loss = lm_loss(model, idx, targets, mask, self.chunk_ctx)   # the mean over this batch's count
-                total += torch.stack([loss.double() * count, count.double()])
+                if pl_module.objective is None:
+                    count = mask.sum()
+                    loss = lm_loss(model, idx, targets, mask, self.chunk_ctx)   # the mean over this batch's count
+                    total += torch.stack([loss.double() * count, count.double(), count.new_zeros((), dtype=torch.float64)])
+                else:
+                    pair = pl_module.pair_logps(idx, targets, mask, reference=pl_module.objective.needs_reference)
+                    loss, _ = pl_module.objective.loss(pair, **pl_module.hyper)     # the mean over the pairs
+                    n = pair.chosen.numel()
+                    total += torch.stack([loss.double() * n, torch.tensor(n, dtype=torch.float64, device=device),
+                                          (pair.chosen > pair.rejected).sum().double()])
         model.train(training)
         total = trainer.strategy.reduce(total, reduce_op="sum")
-        return (total[0] / total[1].clamp(min=1)).item()
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        return loss, None if pl_module.objective is None else (total[2] / total[1].clamp(min=1)).item()
 
     def on_train_end(self, trainer, pl_module):
         if trainer.is_global_zero and self.losses:
             last, best = max(self.losses), min(self.losses, key=self.losses.get)
-            print(f"validation loss on {self.n_windows} windows: {self.losses[last]:.4f} at step {last} "
+            what = "pairs" if self.accuracies else "windows"
+            print(f"validation loss on {self.n_windows} {what}: {self.losses[last]:.4f} at step {last} "
                   f"(first {self.losses[min(self.losses)]:.4f} at step {min(self.losses)}, "
                   f"best {self.losses[best]:.4f} at step {best})")
+            if self.accuracies:
+                first = min(self.accuracies)
+                print(f"held-out preference accuracy (chosen reply's logp above the rejected one's): "
+                      f"{self.accuracies[last]:.3f} at step {last} (first {self.accuracies[first]:.3f} at step {first}"
+                      + (f", the starting model {self.start[1]:.3f}" if self.start else "") + ")")

@@ -13,6 +13,11 @@ With --state it compares instead state tuning (train.py --peft state: only each 
 WKV state trains, every weight frozen) with Bone r=64 at the same shape, fused head + loss, at each
 --ctx (default 512,2048).
 
+With --preference it compares instead a preference step on one pair (its chosen and rejected
+sequences, each --ctx tokens, default 1024, the reply the second half) with an SFT step on the
+same two sequences and mask: dpo (the trained pass and the reference pass without gradients),
+simpo and orpo (no reference), fused head + loss, for --family.
+
 With --quant nf4,int8 it compares instead a bf16 base with the same base held quantized as
 train.py --quant holds it (src/quant.py), at the RWKV-6 0.4B shape (24 layers, 1024 wide) unless
 --layers/--width say otherwise, fused head + loss, one sample of --ctx tokens (default 256):
@@ -27,6 +32,7 @@ goals are the last lines.
     python bench/memory.py [--ctx 512,2048,8192] [--chunk 512] [--layers 6 --width 512] [--repeat 2]
     python bench/memory.py --quant nf4,int8 [--ctx 256] [--layers 24 --width 1024]
     python bench/memory.py --state [--ctx 512,2048]
+    python bench/memory.py --preference [--ctx 1024] [--family x070]
 """
 import argparse
 import json
@@ -40,6 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIGS = ("plain", "fused", "grad_cp", "chunked")
+PREFERENCE = ("sft", "dpo", "simpo", "orpo")
 
 
 def rss_now():
@@ -95,10 +102,14 @@ def one_config(args):
     g = torch.Generator().manual_seed(0)
     idx, targets = (torch.randint(1, args.vocab, (1, args.ctx), generator=g).to(device) for _ in range(2))
     chunk = args.chunk if args.config == "chunked" else 0
+    if args.config in PREFERENCE:   # (built before the baseline is read: its imports are not the step's)
+        pair_step = preference_step(args, model, idx, targets)
     base = torch.cuda.memory_allocated() if gpu else rss_now()
     reset = not gpu and reset_peak_rss()
 
     def step():
+        if args.config in PREFERENCE:
+            return pair_step()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
             if args.config == "plain":
                 loss = masked_lm_loss(model(idx)[0], targets, None)
@@ -119,6 +130,35 @@ def one_config(args):
     print(json.dumps({"config": args.config, "peft": args.peft, "base_weights": args.base, "ctx": args.ctx, "peak": peak, "base": base,
                       "weights": storage_bytes(held), "adapters": storage_bytes(adapters), "seconds": min(times),
                       "device": torch.cuda.get_device_name() if gpu else "cpu"}))
+
+
+def preference_step(args, model, idx, targets):
+    """The step of a preference configuration: one pair, chosen and rejected each ctx tokens (the
+    pair's tokens the given sample and its reverse), the reply the second half; sft is the language-
+    model loss on the same two sequences and mask."""
+    import torch
+    import train        # for every configuration, sft too: the same imports in each process
+    from src.training.loss import lm_loss
+    from src.training.module import RWKVLightning
+    idx, targets = (torch.cat([t, t.flip(1)]) for t in (idx, targets))      # [2, T]
+    mask = torch.zeros_like(idx)
+    mask[:, args.ctx // 2:] = 1
+    if args.config == "sft":
+        def loss():
+            return lm_loss(model, idx, targets, mask)
+    else:
+        options = train.parse_args(["--load_model", "-", "--data_file", "-", "--data_type", "preference",
+                                    "--objective", args.config])
+        objective, hyper = train.preference(options)
+        module = RWKVLightning(model, lr_init=1e-4, objective=objective, hyper=hyper)
+
+        def loss():
+            return module.preference_loss(idx[None], targets[None], mask[None])[0]
+
+    def step():
+        loss().backward()
+        model.zero_grad(set_to_none=True)
+    return step
 
 
 def run_child(args, config, ctx, base="fp32", peft="bone"):
@@ -213,6 +253,27 @@ def quant_table(args, quants):
     return list(rows.values())
 
 
+def preference_table(args):
+    """A preference step on one pair against an SFT step on the same two sequences."""
+    rows = {}
+    for config in PREFERENCE:
+        row = rows[config] = run_child(args, config, args.ctx)
+        if row:
+            print(f"{config:>5}: step peak {gib(row['peak'])} (before the step {gib(row['base'])}, extra "
+                  f"{gib(row['peak'] - row['base'])}), {row['seconds']:.3f} s", flush=True)
+    rows = {k: r for k, r in rows.items() if r}
+    device = next(iter(rows.values()))["device"] if rows else "?"
+    print(f"\n{args.family} L={args.layers} C={args.width} V={args.vocab}, Bone r=64, one pair of 2 x {args.ctx} tokens, "
+          f"{device}; best of {args.repeat} timed steps each; the ratios:")
+    for config in PREFERENCE[1:]:
+        if config in rows and "sft" in rows:
+            o, s = rows[config], rows["sft"]
+            goal = " (goal <= 1.4x time, <= 1.1x peak)" if config == "dpo" else ""
+            print(f"{config} / sft: time {o['seconds'] / s['seconds']:.2f}x, step peak {o['peak'] / s['peak']:.3f}x, "
+                  f"extra memory {(o['peak'] - o['base']) / max(1, s['peak'] - s['base']):.3f}x{goal}")
+    return list(rows.values())
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ctx", default=None, help="comma-separated sample lengths (default 512,2048,8192; "
@@ -228,6 +289,7 @@ def main():
                                                  "from nf4, fp4, int8")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--state", action="store_true", help="compare state tuning (--peft state) with Bone r=64 instead")
+    p.add_argument("--preference", action="store_true", help="compare DPO, SimPO and ORPO steps with an SFT step instead")
     p.add_argument("--peft", default="bone", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--base", default="fp32", help=argparse.SUPPRESS)
@@ -247,6 +309,9 @@ def main():
     if quants:
         args.ctx = int(args.ctx or 256)
         rows = quant_table(args, quants)
+    elif args.preference:
+        args.ctx = int(args.ctx or 1024)
+        rows = preference_table(args)
     elif args.state:
         rows = state_table(args, [int(c) for c in (args.ctx or "512,2048").split(",")])
     else:

@@ -40,12 +40,12 @@ class RWKVLightning(pl.LightningModule):
         reply tokens; the reference's too when the objective needs it (one more pass, without gradients)."""
         from ..objectives import PairLogps
         rows = [t.flatten(0, 1) for t in (idx, targets, mask)]      # [2B, T]: chosen, rejected, chosen, ...
-        logps = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2)
-        counts = mask.sum(-1)
         ref = (None, None)
-        if reference:
+        if reference:   # first: its temporaries are gone before the trained pass holds its activations
             with torch.no_grad(), self.reference.switched_in(self.model):
                 ref = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2).unbind(1)
+        logps = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2)
+        counts = mask.sum(-1)
         return PairLogps(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], *ref)
 
     def preference_loss(self, idx, targets, mask):

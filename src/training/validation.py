@@ -4,6 +4,8 @@ sum over its share of the windows; the sums are reduced, so the mean is the whol
 For a preference objective the windows are pairs: the objective's mean loss over them, and the
 held-out preference accuracy, the fraction of pairs whose chosen reply has the higher summed
 log-prob (the same measure whatever the objective, and for the base model)."""
+import sys
+
 import pytorch_lightning as pl
 import torch
 
@@ -64,6 +66,11 @@ class Validation(pl.Callback):
             return
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
+            if trainer.is_global_zero:     # (a long pass on a big model should not look like a hang)
+                from tqdm import tqdm
+                what = "windows" if pl_module.objective is None else "pairs"
+                tqdm.write(f"validation at step {step} on {self.n_windows} {what}", file=sys.stdout)
+                sys.stdout.flush()
             self.losses[step], accuracy = self.evaluate(trainer, pl_module)
             pl_module.log("val_loss", self.losses[step], prog_bar=True, on_step=True, rank_zero_only=True)
             if accuracy is not None:

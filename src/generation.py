@@ -5,6 +5,7 @@ generate.py and merge.py --verify."""
 import codecs
 import dataclasses
 import mmap
+import time
 
 import torch
 import torch.nn as nn
@@ -83,6 +84,25 @@ def generate(step, prompt_ids, max_tokens, sampler, token_stop=()):
     logits, state = step(list(prompt_ids), None)
     for token, _ in continuation(step, logits, state, max_tokens, sampler, token_stop):
         yield token
+
+
+def generation_times(step, prompt, short_prompt, new_tokens, repeat):
+    """(prefill, per token) seconds of generating through step, each the best of `repeat` after a
+    warm-up: prefill reads `prompt` in one call; per token is the time of new_tokens + 1 greedy
+    tokens after short_prompt less the time of 1 (the prompt and the first token), over new_tokens."""
+    def best(run):
+        run()
+        seconds = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return min(seconds)
+
+    def tokens(n):
+        return lambda: list(generate(step, short_prompt, n, lambda logits: int(logits.argmax())))
+    prefill = best(lambda: step(list(prompt), None))
+    return prefill, (best(tokens(new_tokens + 1)) - best(tokens(1))) / new_tokens
 
 
 def continuation(step, logits, state, max_tokens, sampler, token_stop=()):

@@ -4,8 +4,11 @@ src/sampling.py; a chat (generate.py --chat) carried in the state turn to turn. 
 generate.py and merge.py --verify."""
 import codecs
 import dataclasses
+import mmap
+import time
 
 import torch
+import torch.nn as nn
 
 from .bone import load_adapter, read_adapter
 from .chat_template import SEP, chat_prompt, clean_turn, render
@@ -28,7 +31,39 @@ def load_model(base, adapter=None, dtype=torch.float32, op="cpu", device="cpu", 
             model.requires_grad_(False)
         # Quantized on the target device, so that it never holds the full-precision base.
         quantize_model(model, meta.get("quant") or "none", device=device, keys=meta.get("quantized"))
+    if device == "cpu":
+        pack_for_decoding(model)
     return model.to(device)
+
+
+def pack_for_decoding(model):
+    """Copy the weights a token reads (every parameter but the embedding, of which a token reads one
+    row) into one block of memory in huge pages where the system gives them, and store each plain
+    nn.Linear weight with at least as many outputs as inputs transposed, input-major, as the `rwkv`
+    package stores its matrices. Values, shapes, keys and Parameter objects stay; what changes is
+    how fast a token streams them, measured on a 2-core EPYC, one thread, weights not in cache:
+    - input-major: one-row products x W^T run 768 -> 65536 (the head) at 22 GB/s against 13,
+      768 -> 3072 at 21 against 13, 768 -> 768 at 15 against 13; 3072 -> 768 is faster as stored
+      (18 against 14.5), so a weight keeps its layout when it has more inputs than outputs;
+    - huge pages (2 MB, madvise): 4-15% more tokens/s for whole models, the hardware prefetchers
+      no longer stopping at every 4 KB page boundary."""
+    transposed = {id(m.weight) for m in model.modules()
+                  if isinstance(m, nn.Linear) and m.out_features >= m.in_features}   # not adapter or quantized layers
+    params = [p for name, p in model.named_parameters() if name != "emb.weight"]
+    sizes = [-(-p.nbytes // 64) * 64 for p in params]         # each at a cache line
+    if hasattr(mmap, "MADV_HUGEPAGE"):      # Linux: private memory (shared memory has its own huge page rule)
+        arena = mmap.mmap(-1, max(sum(sizes), 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    else:
+        arena = mmap.mmap(-1, max(sum(sizes), 1))
+    memory, offset = torch.frombuffer(arena, dtype=torch.uint8), 0
+    for p, size in zip(params, sizes):
+        block = memory[offset:offset + p.nbytes].view(p.dtype)
+        offset += size
+        if id(p) in transposed:
+            p.data = block.view(p.shape[1], p.shape[0]).t().copy_(p.data)
+        else:
+            p.data = block.view(p.shape).copy_(p.data)
 
 
 def model_step(model):
@@ -36,7 +71,7 @@ def model_step(model):
     runtime's RWKV.forward has, for our model."""
     device = model.ln_out.weight.device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(ids, state):
         logits, state = model(torch.tensor([ids], device=device), state, full_output=False)
         return logits[0, -1], state
@@ -49,6 +84,25 @@ def generate(step, prompt_ids, max_tokens, sampler, token_stop=()):
     logits, state = step(list(prompt_ids), None)
     for token, _ in continuation(step, logits, state, max_tokens, sampler, token_stop):
         yield token
+
+
+def generation_times(step, prompt, short_prompt, new_tokens, repeat):
+    """(prefill, per token) seconds of generating through step, each the best of `repeat` after a
+    warm-up: prefill reads `prompt` in one call; per token is the time of new_tokens + 1 greedy
+    tokens after short_prompt less the time of 1 (the prompt and the first token), over new_tokens."""
+    def best(run):
+        run()
+        seconds = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+        return min(seconds)
+
+    def tokens(n):
+        return lambda: list(generate(step, short_prompt, n, lambda logits: int(logits.argmax())))
+    prefill = best(lambda: step(list(prompt), None))
+    return prefill, (best(tokens(new_tokens + 1)) - best(tokens(1))) / new_tokens
 
 
 def continuation(step, logits, state, max_tokens, sampler, token_stop=()):

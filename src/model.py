@@ -19,6 +19,8 @@ from .ops.head_loss import head_loss
 
 def token_shift(x, prev):
     """shift(x) - x, where shift(x)[:, t] = x[:, t-1] and shift(x)[:, 0] = prev."""
+    if x.shape[1] == 1:         # one token (generation): no concatenation to build
+        return prev.unsqueeze(1) - x
     return torch.cat([prev.unsqueeze(1), x[:, :-1]], dim=1) - x
 
 

@@ -1,5 +1,6 @@
-"""bench/speed.py runs (a tiny model, one step per family) and prints its ratios; the figures themselves are
-bench results, not something a test can hold a machine to."""
+"""bench/speed.py runs (a tiny model, one training step per family, a few generated tokens against the `rwkv`
+package) and prints its ratios; the figures themselves are bench results, not something a test can hold a
+machine to."""
 import os
 import re
 import subprocess
@@ -15,4 +16,8 @@ def test_tiny_run_prints_every_ratio():
     for family in ("RWKV-6", "RWKV-7"):
         assert re.search(rf"^{family} training at \d+\.\d\dx of the matmul rate", p.stdout, re.M), p.stdout
     assert re.search(r"^RWKV-7 / RWKV-6 training tokens/s: \d+\.\d\dx", p.stdout, re.M), p.stdout
+    for family in ("RWKV-6", "RWKV-7"):
+        assert re.search(rf"^{family} generation per token: \d+\.\d\dx of the rwkv package", p.stdout, re.M), p.stdout
+        assert re.search(rf"^{family} prefill faster than token-by-token: \d+\.\dx \(\d+\.\dx the rwkv package's",
+                         p.stdout, re.M), p.stdout
     assert "nan" not in p.stdout, p.stdout

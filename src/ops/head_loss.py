@@ -1,6 +1,10 @@
 """The head and the training loss fused, token block by token block: the [T, vocab] logits of a
 whole sample never exist, only those of one block at a time.
 
+With rows=True it returns each row's sum instead of the total ([B] for x [B, T, C]), whose
+gradient may differ row to row: the preference objectives' per-reply log-probs (negated) come
+from it, at the cost of the SFT loss (one head product forward, one backward).
+
 loss = sum over unmasked positions of cross_entropy(x W^T, target) / denom, with RWKV's L2Wrap
 (see src/training/loss.py, the plain form this equals): in the backward pass only, each
 position's arg-max logit gets max_logit * 1e-4 / n_tokens more gradient, unscaled by the loss's
@@ -33,7 +37,7 @@ def _compute_dtype(x):
 
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, mask, n_tokens, denom, sink):
+    def forward(ctx, x, weight, targets, mask, n_tokens, denom, sink, rows):
         shape, n, c = x.shape, x.shape[:-1].numel(), x.shape[-1]
         dtype = _compute_dtype(x)
         acc = torch.promote_types(dtype, torch.float32)          # fp32 math, fp64 for fp64 inputs
@@ -47,7 +51,7 @@ class _HeadLoss(torch.autograd.Function):
         if want_w and "ce" not in sink:
             sink["ce"] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             sink["l2"] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
-        total = torch.zeros((), dtype=acc, device=x.device)
+        losses = torch.empty(n, dtype=acc, device=x.device)
         block = max(1, BLOCK_ELEMENTS // weight.shape[0])
         for s in range(0, n, block):
             e = min(n, s + block)
@@ -57,7 +61,7 @@ class _HeadLoss(torch.autograd.Function):
             l2_index[s:e], l2_value[s:e] = index, top * (1e-4 / n_tokens)
             p = logits.to(acc)                                   # a copy unless already fp32 (or fp64)
             lse = torch.logsumexp(p, dim=-1)
-            total += ((lse - p.gather(1, tb[:, None]).squeeze(1)) * sb).sum()
+            losses[s:e] = (lse - p.gather(1, tb[:, None]).squeeze(1)) * sb
             p.sub_(lse[:, None]).exp_()                          # softmax, in place (logits are done with)
             p[torch.arange(e - s, device=x.device), tb] -= 1.0   # softmax - onehot
             g = p.mul_(sb[:, None]).to(dtype)                    # d(loss)/d(logits)
@@ -67,22 +71,25 @@ class _HeadLoss(torch.autograd.Function):
                 sink["l2"].index_add_(0, l2_index[s:e], (l2_value[s:e, None] * xb).to(acc))
         ctx.save_for_backward(gx, weight, l2_index, l2_value)
         ctx.shape, ctx.x_dtype, ctx.sink = shape, x.dtype, sink
-        return total
+        return losses.view(shape[:-1]).sum(-1) if rows else losses.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         gx, weight, l2_index, l2_value = ctx.saved_tensors
+        if grad_loss.dim() > 0:     # rows=True: each token takes its row's gradient
+            grad_loss = grad_loss.unsqueeze(-1).expand(ctx.shape[:-1]).reshape(-1, 1).to(gx.dtype)
         gx = gx * grad_loss + l2_value[:, None] * weight[l2_index].to(gx.dtype)
         gw = None
-        if ctx.needs_input_grad[1] and "ce" in ctx.sink:
+        if ctx.needs_input_grad[1] and "ce" in ctx.sink:     # (the total only: rows=True refuses a trained W)
             # Several calls can share one sink (a sample cut into chunks): the first backward
             # returns the whole sum, the others nothing, so W's gradient is held once, not per call.
             gw = (ctx.sink.pop("ce") * grad_loss + ctx.sink.pop("l2")).to(weight.dtype)
-        return gx.to(ctx.x_dtype).view(ctx.shape), gw, None, None, None, None, None
+        return gx.to(ctx.x_dtype).view(ctx.shape), gw, None, None, None, None, None, None
 
 
-def head_loss(x, weight, targets, mask=None, n_tokens=None, denom=None, sink=None):
+def head_loss(x, weight, targets, mask=None, n_tokens=None, denom=None, sink=None, rows=False):
     """sum of masked cross-entropy of x @ weight^T against targets, / denom, with L2Wrap.
+    rows=True: each row's sum ([B] for x [B, T, C]) instead, for a frozen weight only.
 
     x [..., C]; weight [V, C]; targets [...] ids; mask [...] (1: learn this target) or None.
     n_tokens (L2Wrap's divisor) defaults to targets.numel(), denom to the number of unmasked
@@ -94,4 +101,6 @@ def head_loss(x, weight, targets, mask=None, n_tokens=None, denom=None, sink=Non
         n_tokens = targets.numel()
     if denom is None:
         denom = mask.sum().clamp(min=1) if mask is not None else targets.numel()
-    return _HeadLoss.apply(x, weight, targets, mask, n_tokens, denom, {} if sink is None else sink)
+    if rows and weight.requires_grad:
+        raise ValueError("head_loss(rows=True) needs a frozen head weight: its gradient is summed over the rows")
+    return _HeadLoss.apply(x, weight, targets, mask, n_tokens, denom, {} if sink is None else sink, rows)

@@ -99,9 +99,10 @@ def _plain_piece_loss(head, x, targets, mask, n_tokens, denom):
 def sequence_logps(model, idx, targets, mask, chunk_ctx=0):
     """[rows] each row's sum of log p(target) over its unmasked targets (the preference objectives'
     logp of a reply), with the same pieces as lm_loss: chunk_ctx > 0 runs the rows chunk_ctx tokens
-    at a time with exact gradients, and the logits exist a block of tokens at a time (recomputed in
-    the backward pass). L2Wrap acts on every position's logits as in lm_loss, its divisor the batch's
-    token count: it is the same nudge on the largest logit, whatever the objective."""
+    at a time with exact gradients, and the logits exist a block of tokens at a time. L2Wrap acts on
+    every position's logits as in lm_loss, its divisor the batch's token count: it is the same nudge
+    on the largest logit, whatever the objective. Without gradients (the reference pass) only the
+    learnt targets' logits are computed."""
     n_tokens = targets.numel()
     T = idx.shape[1]
     step = chunk_ctx if chunk_ctx > 0 else T
@@ -115,17 +116,42 @@ def sequence_logps(model, idx, targets, mask, chunk_ctx=0):
                 _trim_between_pieces(state)
         else:
             x, state = model.hidden(idx[:, piece], state)
-        head, m = model.head, mask[:, piece]
-        block = max(1, head_loss_mod.BLOCK_ELEMENTS // head.out_features)
-        for b in range(0, x.shape[1], block):
-            b = slice(b, b + block)
-            args = (head, x[:, b], targets[:, piece][:, b], m[:, b], n_tokens)
-            total = total + (checkpoint(_piece_logps, *args, use_reentrant=False) if grad else _piece_logps(*args))
+        args = (model.head, x, targets[:, piece], mask[:, piece])
+        total = total + (_piece_logps(*args, n_tokens) if grad else _learnt_logps(*args))
     return total
 
 
 def _piece_logps(head, x, targets, mask, n_tokens):
+    if isinstance(head, Head) and not head.weight.requires_grad:
+        # The fused head (ops/head_loss.py): per-row cross-entropy sums, negated.
+        return -head(x, targets, mask=mask, n_tokens=n_tokens, denom=1, rows=True)
+    # Another head, or a trained one: the plain form, a block of tokens at a time, each block's
+    # logits recomputed in the backward pass.
+    block = max(1, head_loss_mod.BLOCK_ELEMENTS // head.out_features)
+    total = 0.0
+    for s in range(0, x.shape[1], block):
+        b = slice(s, s + block)
+        total = total + checkpoint(_plain_piece_logps, head, x[:, b], targets[:, b], mask[:, b], n_tokens,
+                                   use_reentrant=False)
+    return total
+
+
+def _plain_piece_logps(head, x, targets, mask, n_tokens):
     logits = head(x)
     logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     sums = (logps.gather(-1, targets[..., None]).squeeze(-1) * mask.to(logps.dtype)).sum(1)
-    return L2Wrap.apply(sums, logits, n_tokens) if torch.is_grad_enabled() else sums
+    return L2Wrap.apply(sums, logits, n_tokens)
+
+
+def _learnt_logps(head, x, targets, mask):
+    """Without gradients: the logits of the unmasked positions only, a block at a time."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    sums = torch.zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    block = max(1, head_loss_mod.BLOCK_ELEMENTS // head.out_features)
+    for s in range(0, rows.numel(), block):
+        r, c = rows[s:s + block], cols[s:s + block]
+        logits = head(x[r, c])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logps = logits.gather(-1, targets[r, c, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        sums.index_add_(0, r, logps.to(sums.dtype))
+    return sums

@@ -16,7 +16,7 @@ What is kept: dL/dx ([tokens, C], in the compute dtype), and for a trained W its
 """
 import torch
 
-# Tokens per block: the block's logits (and their fp32 copy) stay near 2**25 elements (128 MB
+# Tokens per block: the block's logits (and their fp32 copy) stay near 2**23 elements (32 MB
 # in fp32) whatever the vocabulary.
 BLOCK_ELEMENTS = 1 << 23
 

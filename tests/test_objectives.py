@@ -54,6 +54,7 @@ def ours(name, c, r, n_c, n_r, ref_c, ref_r, **h):
     return OBJECTIVES[name].loss(pair, **h)
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("name", sorted(HYPER))
 @pytest.mark.parametrize("seed", [0, 1])
 def test_loss_and_gradient_equal_the_papers_formula_in_float64(name, seed):
@@ -70,6 +71,7 @@ def test_loss_and_gradient_equal_the_papers_formula_in_float64(name, seed):
             torch.testing.assert_close(g.grad.double(), w.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.numerical
 def test_dpo_at_the_start_is_ln2_with_zero_rewards():
     c, r, n_c, n_r, _, _ = (t.float() for t in logps(3))
     loss, m = ours("dpo", c, r, n_c, n_r, c.clone(), r.clone(), beta=0.1)
@@ -78,6 +80,7 @@ def test_dpo_at_the_start_is_ln2_with_zero_rewards():
         assert m[key].item() == 0
 
 
+@pytest.mark.numerical
 def test_log1mexp_is_accurate_near_zero_and_far_below():
     x = torch.tensor([-1e-30, -1e-8, -1e-3, -0.5, -0.7, -2.0, -50.0], dtype=torch.float64)
     want = torch.tensor([math.log(-math.expm1(v)) for v in x.tolist()], dtype=torch.float64)
@@ -121,6 +124,7 @@ def trl_dpo(trl, c, r, ref_c, ref_r, n_c, n_r, beta, sft_weight):
     return loss, {k: v[-1] for k, v in stand_in._metrics["train"].items()}, grad[:B], grad[B:]
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("hyper", HYPER["dpo"])
 def test_dpo_equals_trl(trl, hyper):
     c, r, n_c, n_r, ref_c, ref_r = (t.float() for t in logps(4))
@@ -135,6 +139,7 @@ def test_dpo_equals_trl(trl, hyper):
         assert m[key].item() == pytest.approx(want_m[key], rel=1e-5, abs=1e-6), key
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("hyper", HYPER["simpo"])
 def test_simpo_equals_trl_cpo_trainer(trl, hyper):
     from trl.experimental.cpo import CPOTrainer
@@ -155,6 +160,7 @@ def test_simpo_equals_trl_cpo_trainer(trl, hyper):
     assert m["rewards/accuracies"].item() == (want_c > want_r).float().mean().item()
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("hyper", HYPER["orpo"])
 def test_orpo_equals_trl_orpo_trainer(trl, hyper):
     from trl.experimental.orpo import ORPOTrainer

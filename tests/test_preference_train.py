@@ -84,6 +84,7 @@ def flags(variant, adapter):
     return [adapter if f == "ADAPTER" else f for f in VARIANTS[variant]]
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_reference_is_the_starting_model_loaded_fresh(world, tmp_path, variant):
     d, ckpt, adapter = world
@@ -107,6 +108,7 @@ def test_reference_is_the_starting_model_loaded_fresh(world, tmp_path, variant):
     torch.testing.assert_close(policy, plain_logps(model, idx, targets, mask), rtol=2e-6, atol=2e-5)
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_dpo_starts_at_ln2_with_zero_rewards(world, variant):
     d, ckpt, adapter = world
@@ -161,6 +163,7 @@ def test_bad_options_are_one_sentence_before_any_work(world, tmp_path, extra, wo
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.numerical
 @pytest.mark.parametrize("objective", ["simpo", "orpo"])
 def test_simpo_and_orpo_steps_are_their_loss_on_the_plain_log_probs(world, objective):
     """The module's step: the objective's loss (tests/test_objectives.py checks those) on log-probs equal
@@ -179,6 +182,7 @@ def test_simpo_and_orpo_steps_are_their_loss_on_the_plain_log_probs(world, objec
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.numerical
 def test_sequence_logps_gradients_are_the_plain_forms_row_by_row(world):
     """The fused per-row head (ops/head_loss.py, rows=True) against the plain form on the whole logits, in
     float64: each row's summed log-prob weighted by its own factor (as the objectives weight chosen and
@@ -207,6 +211,7 @@ def test_sequence_logps_gradients_are_the_plain_forms_row_by_row(world):
         assert (grads[0][1][name] - g).abs().max() <= 1e-11 * g.abs().max(), name
 
 
+@pytest.mark.numerical
 def test_chunk_ctx_gives_the_plain_pass_gradients(world):
     """--chunk_ctx: the DPO step's loss and every adapter gradient as without it (the state carried
     across pieces with its gradient)."""

@@ -266,17 +266,6 @@ def trim_heap():
         libc.malloc_trim(0)
 
 
-def map_big_allocations(threshold=128 * 1024):
-    """Have glibc serve every allocation of `threshold` bytes or more by its own mmap, handed back to
-    the system when freed (mallopt M_MMAP_THRESHOLD; 128 KiB is glibc's own starting value). By default
-    glibc raises that threshold, up to 32 MB, each time it frees a mapped block, after which a training
-    step's temporaries come from the heap, whose freed pages stay resident: the process then holds
-    more than its tensors do (RWKV-7's step, with more and smaller temporaries, more so)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, threshold)     # M_MMAP_THRESHOLD
-
-
 @functools.lru_cache(maxsize=None)
 def _madvise():
     libc = _libc()

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from src.bone import BoneConfig, apply_adapters  # noqa: E402
 from src.checkpoint import fresh_state_dict, new_config, save_checkpoint  # noqa: E402
 from src.family import from_state_dict  # noqa: E402
-from src.generation import generation_times, load_model, model_step  # noqa: E402
+from src.generation import best_time, generation_times, load_model, model_step  # noqa: E402
 from src.rwkv_package import time_rwkv_package  # noqa: E402
 from src.training.loss import lm_loss  # noqa: E402
 
@@ -63,16 +63,6 @@ def matmul_shapes(model):
         linear = name.endswith(".weight")
         shapes[tuple(p.shape[-1:-3:-1] if linear else p.shape[-2:])] += p.numel() // p.shape[-1] // p.shape[-2]
     return shapes
-
-
-def best_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def matmul_rate(shapes, rows, repeat):

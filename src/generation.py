@@ -86,23 +86,25 @@ def generate(step, prompt_ids, max_tokens, sampler, token_stop=()):
         yield token
 
 
+def best_time(run, repeat):
+    """The least of `repeat` timed calls of run(), after one untimed call (warm-up), in seconds."""
+    run()
+    seconds = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
+
+
 def generation_times(step, prompt, short_prompt, new_tokens, repeat):
     """(prefill, per token) seconds of generating through step, each the best of `repeat` after a
     warm-up: prefill reads `prompt` in one call; per token is the time of new_tokens + 1 greedy
     tokens after short_prompt less the time of 1 (the prompt and the first token), over new_tokens."""
-    def best(run):
-        run()
-        seconds = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            run()
-            seconds.append(time.perf_counter() - start)
-        return min(seconds)
-
     def tokens(n):
         return lambda: list(generate(step, short_prompt, n, lambda logits: int(logits.argmax())))
-    prefill = best(lambda: step(list(prompt), None))
-    return prefill, (best(tokens(new_tokens + 1)) - best(tokens(1))) / new_tokens
+    prefill = best_time(lambda: step(list(prompt), None), repeat)
+    return prefill, (best_time(tokens(new_tokens + 1), repeat) - best_time(tokens(1), repeat)) / new_tokens
 
 
 def continuation(step, logits, state, max_tokens, sampler, token_stop=()):

@@ -16,17 +16,20 @@ What is kept: dL/dx ([tokens, C], in the compute dtype), and for a trained W its
 """
 import torch
 
-# Tokens per block: the block's logits (and their fp32 copy) stay near 2**23 elements (32 MB
-# in fp32) whatever the vocabulary.
-BLOCK_ELEMENTS = 1 << 23
+# Tokens per block: the block's logits stay near 2**24 elements (64 MB in fp32) whatever the
+# vocabulary. At a 65536 vocabulary (2-core EPYC, fp32) the step's head runs 1.1x faster than with
+# 2**23 and 1.3x than with 2**22; 2**25 gains nothing more.
+BLOCK_ELEMENTS = 1 << 24
 
 
-def _mm(a, b):
-    """a @ b. The CPU's half-precision gemm is tens of times slower for this layout (b row-major,
-    a long inner dimension) than for the transposed product, which gives the same values."""
-    if a.device.type == "cpu" and a.dtype in (torch.bfloat16, torch.float16):
-        return (b.t() @ a.t().contiguous()).t()
-    return a @ b
+def _column_max(a, group=128):
+    """a.max(dim=0) of a [V, n] tensor, the first maximal index as torch's: the maxima of groups of
+    rows, then the maximum of those. torch's arg-max down a column is several times slower."""
+    while a.shape[0] % group:
+        group //= 2
+    top, index = a.view(-1, group, a.shape[1]).max(dim=1)         # [V / group, n]
+    top, which = top.max(dim=0)                                  # the first group holding the maximum
+    return top, index.gather(0, which[None])[0] + which * group
 
 
 def _compute_dtype(x):
@@ -53,21 +56,29 @@ class _HeadLoss(torch.autograd.Function):
             sink["l2"] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         losses = torch.empty(n, dtype=acc, device=x.device)
         block = max(1, BLOCK_ELEMENTS // weight.shape[0])
+        # Each block's logits transposed, [V, tokens], in one buffer reused from block to block:
+        # W x^T writes them faster than x W^T, and a fresh 64 MB for every block (new pages, out of
+        # the cache) costs more than the softmax itself. The softmax then runs down the columns.
+        buf = torch.empty(weight.shape[0] * min(block, n), dtype=dtype, device=x.device)
         for s in range(0, n, block):
             e = min(n, s + block)
             xb, tb, sb = x2[s:e].to(dtype), targets[s:e], scale[s:e]
-            logits = xb @ w.t()
-            top, index = logits.max(dim=-1)                     # L2Wrap reads the logits as computed
+            cols = torch.arange(e - s, device=x.device)
+            logits = torch.mm(w, xb.t(), out=buf[:w.shape[0] * (e - s)].view(w.shape[0], e - s))
+            top, index = _column_max(logits)                     # L2Wrap reads the logits as computed
             l2_index[s:e], l2_value[s:e] = index, top * (1e-4 / n_tokens)
-            p = logits.to(acc)                                   # a copy unless already fp32 (or fp64)
-            lse = torch.logsumexp(p, dim=-1)
-            losses[s:e] = (lse - p.gather(1, tb[:, None]).squeeze(1)) * sb
-            p.sub_(lse[:, None]).exp_()                          # softmax, in place (logits are done with)
-            p[torch.arange(e - s, device=x.device), tb] -= 1.0   # softmax - onehot
-            g = p.mul_(sb[:, None]).to(dtype)                    # d(loss)/d(logits)
-            gx[s:e] = _mm(g, w)
+            p = logits.to(acc)                                   # the buffer itself unless below fp32
+            top = top.to(acc)
+            target_logit = p[tb, cols]
+            sumexp = p.sub_(top).exp_().sum(dim=0)               # p: exp(logit - max), in place
+            losses[s:e] = (top + sumexp.log() - target_logit) * sb
+            p.mul_(sb / sumexp)
+            p[tb, cols] -= sb                                    # (softmax - onehot) * scale
+            g = p.to(dtype)                                      # d(loss)/d(logits), transposed
+            # W^T g, transposed back: the form the CPU's half-precision gemm is also fast at.
+            gx[s:e] = torch.mm(w.t(), g).t()
             if want_w:
-                sink["ce"] += (g.t() @ xb).to(acc)
+                sink["ce"] += (g @ xb).to(acc)
                 sink["l2"].index_add_(0, l2_index[s:e], (l2_value[s:e, None] * xb).to(acc))
         ctx.save_for_backward(gx, weight, l2_index, l2_value)
         ctx.shape, ctx.x_dtype, ctx.sink = shape, x.dtype, sink

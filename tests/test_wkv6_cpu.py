@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+import src.ops.wkv6_cpu as wkv6_cpu_module
 from src.ops import wkv6
 from src.ops.wkv6_cpu import wkv6_cpu
 from src.ops.wkv6_reference import wkv6_reference
@@ -57,6 +58,18 @@ def test_matches_float64_reference_and_fp32_loop(T):
     assert_as_accurate_as_fp32_loop(make_inputs(B=2, T=T, H=2, N=32, seed=T))
 
 
+@pytest.mark.parametrize("factored", [True, False])
+@pytest.mark.parametrize("T", [7, 64, 1000])
+def test_both_pair_forms_match_the_reference(T, factored, monkeypatch):
+    """w <= 0 (no step decays by more than e^-1): the factored pair products, or the per-pair sums
+    (the limit set to 0), on the same inputs; the other tests' w up to 3 take the per-pair sums."""
+    if factored:
+        monkeypatch.setattr(wkv6_cpu_module, "_pair_decays", lambda lw: pytest.fail("not the factored form"))
+    else:
+        monkeypatch.setattr(wkv6_cpu_module, "FACTOR_DECAY_LIMIT", 0.0)
+    assert_as_accurate_as_fp32_loop(make_inputs(B=2, T=T, H=2, N=32, w_high=0.0, seed=T + 1))
+
+
 @pytest.mark.parametrize("w_low,w_high", [(-8.0, -7.0), (1.5, 3.0), (-0.5, 0.5)])
 def test_extreme_decays(w_low, w_high):
     """Decay near 1 (w = -8: exp(-exp(-8)) = 0.99966) and near 0 (w = 3: decay 2e-9), where
@@ -64,9 +77,10 @@ def test_extreme_decays(w_low, w_high):
     assert_as_accurate_as_fp32_loop(make_inputs(B=1, T=300, H=2, N=32, w_low=w_low, w_high=w_high, seed=11))
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("w_high", [1.5, 0.0])       # the per-pair sums, the factored products
+def test_gradcheck_float64(w_high):
     """Finite differences against the hand-written backward (float64 in, float64 math)."""
-    inputs = [x.double().requires_grad_() for x in make_inputs(B=2, T=11, H=2, N=4, w_low=-3, w_high=1.5, seed=5)]
+    inputs = [x.double().requires_grad_() for x in make_inputs(B=2, T=11, H=2, N=4, w_low=-3, w_high=w_high, seed=5)]
     assert torch.autograd.gradcheck(lambda *a: wkv6_cpu(*a, chunk_len=4), inputs)
 
 

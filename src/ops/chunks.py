@@ -2,6 +2,11 @@
 chunked CPU operators."""
 import torch
 
+# Past this much decay within one chunk (the largest -c_L over channels), the factored pair terms
+# e^{p_t} e^{-c_s} could overflow fp32 (e^88): the operators then sum each pair from its own
+# exponent (<= 0), which never overflows.
+FACTOR_LIMIT = 60.0
+
 
 def to_chunks(x, L, dtype):
     """[B, T, H, N] -> [B, H, n_chunks, L, N] in `dtype`, zero-padded at the end of time."""

@@ -26,13 +26,10 @@ terms and the chunk states are kept.
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .chunks import from_chunks, to_chunks
+from .chunks import FACTOR_LIMIT, from_chunks, to_chunks
 
 DEFAULT_CHUNK_LEN = 16
-# Past this much decay within one chunk (the largest -c_L over channels), e^{-c} could overflow fp32
-# (e^88): the pair terms are then summed from each pair's own exponent (<= 0), which never overflows.
-# The model's decays (w <= -0.5, so -lw <= 0.61) reach at most 16 * 0.61 = 9.7.
-FACTOR_LIMIT = 60.0
+# FACTOR_LIMIT (chunks.py): the model's decays (w <= -0.5, so -lw <= 0.61) reach at most 16 * 0.61 = 9.7.
 
 
 def wkv7_cpu(r, w, k, v, a, b, state=None, chunk_len=DEFAULT_CHUNK_LEN):

@@ -21,15 +21,20 @@ import torch
 
 from .chunks import FACTOR_LIMIT, from_chunks, to_chunks
 
-DEFAULT_CHUNK_LEN = 8
 # The largest per-step decay -lw = e^w for the factored pair products. Their w gradient's error,
-# measured against the float64 reference (tests/test_wkv6_cpu.py), grows about linearly with it:
-# at most 0.6x the tests' bound (3x a plain fp32 loop's error) up to e^0 = 1, 1.2x at e^0.5, 2.5x at e^1.
+# measured against the float64 reference (tests/test_wkv6_cpu.py), grows with it and with the
+# chunk: at most 0.6x the tests' bound (3x a plain fp32 loop's error) up to e^0 = 1 in chunks of
+# 8 or 16 (1.5x in chunks of 32), 1.2x at e^0.5, 2.5x at e^1 (chunks of 8).
 FACTOR_DECAY_LIMIT = 1.0
+# Steps per chunk, the fastest of 4, 8, 16 (and 32) for each form (T 1024, H 8, N 64, fp32, 2-core
+# EPYC): the factored form 25 ms fwd+bwd in chunks of 16 (38 ms in 8s), the per-pair sums
+# in chunks of 8, whose [L, L, N] tensors grow with L^2.
+FACTORED_CHUNK_LEN, PAIRWISE_CHUNK_LEN = 16, 8
 
 
-def wkv6_cpu(r, k, v, w, u, state=None, chunk_len=DEFAULT_CHUNK_LEN):
-    """Same contract as `src.ops.wkv6.wkv6`: y comes back in r's dtype, the state in fp32."""
+def wkv6_cpu(r, k, v, w, u, state=None, chunk_len=None):
+    """Same contract as `src.ops.wkv6.wkv6`: y comes back in r's dtype, the state in fp32.
+    chunk_len: steps per chunk, by default the faster one for the form the decays allow."""
     if state is None:
         B, _, H, N = r.shape
         state = torch.zeros(B, H, N, N, device=r.device, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
@@ -43,10 +48,11 @@ class _ChunkedWKV6(torch.autograd.Function):
         # fp32 math for bf16/fp16/fp32 inputs; float64 inputs stay float64 (for gradcheck).
         f = ctx.compute_dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
         T = r.shape[1]
-        L = min(chunk_len, T)
+        lw = -torch.exp(w.to(f))
+        factored = -lw.min() <= FACTOR_DECAY_LIMIT
+        L = min(chunk_len or (FACTORED_CHUNK_LEN if factored else PAIRWISE_CHUNK_LEN), T)
         # Padded steps have k = 0 (add nothing) and lw = 0 (decay 1): the state passes through.
-        r, k, v = to_chunks(r, L, f), to_chunks(k, L, f), to_chunks(v, L, f)
-        lw = to_chunks(-torch.exp(w.to(f)), L, f)
+        r, k, v, lw = (to_chunks(x, L, f) for x in (r, k, v, lw))
         u = u.to(f)[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
         c = torch.cumsum(lw.double(), dim=-2)
         p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
@@ -56,7 +62,7 @@ class _ChunkedWKV6(torch.autograd.Function):
         to_end = (c_last - c).exp().to(f)       # decay from just after s to the chunk end
         chunk_decay = c_last.exp().to(f).transpose(-1, -2)              # [B, H, C, N, 1]
         q = r * from_start
-        if -lw.min() <= FACTOR_DECAY_LIMIT and c_last.min() >= -FACTOR_LIMIT:
+        if factored and c_last.min() >= -FACTOR_LIMIT:
             # e^{p_t - c_s} = e^{p_t} e^{-c_s}: A is one [L, N] x [N, L] product per chunk.
             pair_factor = (-c).exp().to(f)                               # e^{-c_s}, [B, H, C, L, N]
             A = (q @ (k * pair_factor).mT).tril_(-1)

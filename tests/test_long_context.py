@@ -107,13 +107,14 @@ def test_chunked_pass_equals_the_full_pass(mode, grad_cp, dtype, shape):
     ref = grads(model, lambda: plain(model, idx, targets, mask))
     truth = float64_truth(model, idx, targets, mask) if dtype == torch.float32 else None
     assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=16)), truth)
-    # ctx_len need not be a multiple of the chunk: 24 + 24 + 16. For RWKV-7 in fp32 this only
-    # regroups the WKV7 op's 16-step chunks, and one tensor's gradient (blocks.1.att.key.lora_B,
-    # norm 0.018 from terms of norm ~1) is fp32 noise: 1.4e-5 to 3.3e-4 off the float64 truth
-    # whichever way the sums are grouped (measured, also with the op's chunk terms in float64).
-    # Its exactness is what the float64 run shows.
-    if shape == "small" or dtype == torch.float64:
-        assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=24)), truth)
+    # ctx_len need not be a multiple of the chunk: 48 + 16 in fp32, 24 + 24 + 16 in float64. Pieces
+    # that cut the WKV ops' own 16-step chunks only regroup fp32 sums, but this model amplifies
+    # rounding about 1000x (its plain fp32 pass is 6.5e-5 off the float64 truth, RWKV-6 bat): pieces
+    # of 20, 24 or 28 tokens move the whole gradient 6-8e-5 from the plain pass with either WKV6
+    # pair form, against 1.5e-6 for pieces of 16, 32 or 48 (measured). So fp32 takes pieces that
+    # keep the chunks, and the float64 run shows that pieces cutting them are exact too.
+    piece = 24 if dtype == torch.float64 else 48
+    assert_same(ref, grads(model, lambda: lm_loss(model, idx, targets, mask, chunk_ctx=piece)), truth)
 
 
 @pytest.mark.parametrize("dtype", [FP32, torch.float64])

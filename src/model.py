@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .checkpoint import check_finite, load_checkpoint
 from .config import CheckpointError, RWKV6Config, read_config
 from .ops import OPS, wkv6
-from .ops.head_loss import head_loss
+from .ops.head_loss import head_loss, target_logps
 
 
 def token_shift(x, prev):
@@ -150,13 +150,15 @@ class Block(nn.Module):
 
 class Head(nn.Linear):
     """The output projection (key `head.weight`). Given targets it returns the training loss
-    instead of the logits, fused with the projection block by block (ops/head_loss.py), so the
+    (or with logps=True each row's log p(target), without gradients) instead of the logits, fused with the projection block by block (ops/head_loss.py), so the
     whole sample's logits never exist. Either way it is called as a module, so that DeepSpeed
     ZeRO-3 gathers its weight."""
 
-    def forward(self, x, targets=None, **loss_args):
+    def forward(self, x, targets=None, logps=False, **loss_args):
         if targets is None:
             return super().forward(x)
+        if logps:       # log p(target) of each row of x [n, C], without gradients
+            return target_logps(x, self.weight, targets)
         return head_loss(x, self.weight, targets, **loss_args)
 
 

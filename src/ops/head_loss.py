@@ -38,6 +38,28 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _softmax_blocks(x2, w, targets, dtype, acc):
+    """For each block of the rows of x2 [n, C]: (s, e, the block's x, p, top, index, sumexp, nll) with
+    p = exp(logits - top) transposed ([V, tokens], acc dtype), top and index each column's largest
+    logit and its index (as computed, in dtype), sumexp p's column sums and nll = -log p(target).
+
+    The logits are held transposed in one buffer reused from block to block: W x^T writes them
+    faster than x W^T, and a fresh 64 MB for every block (new pages, out of the cache) costs more
+    than the softmax itself. p is that buffer, unless the compute dtype is below fp32."""
+    n = x2.shape[0]
+    block = max(1, BLOCK_ELEMENTS // w.shape[0])
+    buf = torch.empty(w.shape[0] * min(block, n), dtype=dtype, device=x2.device)
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        xb = x2[s:e].to(dtype)
+        logits = torch.mm(w, xb.t(), out=buf[:w.shape[0] * (e - s)].view(w.shape[0], e - s))
+        top, index = _column_max(logits)
+        p, top_acc = logits.to(acc), top.to(acc)
+        target_logit = p[targets[s:e], torch.arange(e - s, device=x2.device)]
+        sumexp = p.sub_(top_acc).exp_().sum(dim=0)
+        yield s, e, xb, p, top, index, sumexp, top_acc + sumexp.log() - target_logit
+
+
 class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, mask, n_tokens, denom, sink, rows):
@@ -55,25 +77,12 @@ class _HeadLoss(torch.autograd.Function):
             sink["ce"] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
             sink["l2"] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         losses = torch.empty(n, dtype=acc, device=x.device)
-        block = max(1, BLOCK_ELEMENTS // weight.shape[0])
-        # Each block's logits transposed, [V, tokens], in one buffer reused from block to block:
-        # W x^T writes them faster than x W^T, and a fresh 64 MB for every block (new pages, out of
-        # the cache) costs more than the softmax itself. The softmax then runs down the columns.
-        buf = torch.empty(weight.shape[0] * min(block, n), dtype=dtype, device=x.device)
-        for s in range(0, n, block):
-            e = min(n, s + block)
-            xb, tb, sb = x2[s:e].to(dtype), targets[s:e], scale[s:e]
-            cols = torch.arange(e - s, device=x.device)
-            logits = torch.mm(w, xb.t(), out=buf[:w.shape[0] * (e - s)].view(w.shape[0], e - s))
-            top, index = _column_max(logits)                     # L2Wrap reads the logits as computed
-            l2_index[s:e], l2_value[s:e] = index, top * (1e-4 / n_tokens)
-            p = logits.to(acc)                                   # the buffer itself unless below fp32
-            top = top.to(acc)
-            target_logit = p[tb, cols]
-            sumexp = p.sub_(top).exp_().sum(dim=0)               # p: exp(logit - max), in place
-            losses[s:e] = (top + sumexp.log() - target_logit) * sb
+        for s, e, xb, p, top, index, sumexp, nll in _softmax_blocks(x2, w, targets, dtype, acc):
+            sb, cols = scale[s:e], torch.arange(e - s, device=x.device)
+            l2_index[s:e], l2_value[s:e] = index, top * (1e-4 / n_tokens)   # L2Wrap reads the logits as computed
+            losses[s:e] = nll * sb
             p.mul_(sb / sumexp)
-            p[tb, cols] -= sb                                    # (softmax - onehot) * scale
+            p[targets[s:e], cols] -= sb                          # (softmax - onehot) * scale
             g = p.to(dtype)                                      # d(loss)/d(logits), transposed
             # W^T g, transposed back: the form the CPU's half-precision gemm is also fast at.
             gx[s:e] = torch.mm(w.t(), g).t()
@@ -115,3 +124,15 @@ def head_loss(x, weight, targets, mask=None, n_tokens=None, denom=None, sink=Non
     if rows and weight.requires_grad:
         raise ValueError("head_loss(rows=True) needs a frozen head weight: its gradient is summed over the rows")
     return _HeadLoss.apply(x, weight, targets, mask, n_tokens, denom, {} if sink is None else sink, rows)
+
+
+@torch.no_grad()
+def target_logps(x, weight, targets):
+    """log p(target) of each row of x [n, C] under the head weight [V, C] (frozen), without
+    gradients: the fused head's blocks, no logits kept. In fp32 (float64 for float64 inputs)."""
+    dtype = _compute_dtype(x)
+    acc = torch.promote_types(dtype, torch.float32)
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    for s, e, *_, nll in _softmax_blocks(x, weight.to(dtype), targets, dtype, acc):
+        out[s:e] = -nll
+    return out

@@ -96,18 +96,19 @@ def _plain_piece_loss(head, x, targets, mask, n_tokens, denom):
     return masked_lm_loss(head(x), targets, mask, n_tokens, denom)
 
 
-def sequence_logps(model, idx, targets, mask, chunk_ctx=0):
+def sequence_logps(model, idx, targets, mask, chunk_ctx=0, state=None):
     """[rows] each row's sum of log p(target) over its unmasked targets (the preference objectives'
     logp of a reply), with the same pieces as lm_loss: chunk_ctx > 0 runs the rows chunk_ctx tokens
     at a time with exact gradients, and the logits exist a block of tokens at a time. L2Wrap acts on
     every position's logits as in lm_loss, its divisor the batch's token count: it is the same nudge
     on the largest logit, whatever the objective. Without gradients (the reference pass) only the
-    learnt targets' logits are computed."""
+    learnt targets' logits are computed. state: the model state the rows start from (None: a
+    sequence's start)."""
     n_tokens = targets.numel()
     T = idx.shape[1]
     step = chunk_ctx if chunk_ctx > 0 else T
     grad = torch.is_grad_enabled()
-    state, total = None, 0.0
+    total = 0.0
     for s in range(0, T, step):
         piece = slice(s, min(T, s + step))
         if step < T and grad:
@@ -119,6 +120,25 @@ def sequence_logps(model, idx, targets, mask, chunk_ctx=0):
         args = (model.head, x, targets[:, piece], mask[:, piece])
         total = total + (_piece_logps(*args, n_tokens) if grad else _learnt_logps(*args))
     return total
+
+
+@torch.no_grad()
+def reference_pair_logps(model, idx, targets, mask, chunk_ctx=0):
+    """sequence_logps without gradients for rows in pairs (rows 2i, 2i + 1: chosen, rejected): each
+    pair's shared start (its prompt: the same tokens, nothing learnt) runs once, and its state
+    carries into both rows' rest. The same sums as sequence_logps, for about 3/4 of the tokens."""
+    sums = []
+    for i in range(0, idx.shape[0], 2):
+        pair = slice(i, i + 2)
+        apart = (idx[i] != idx[i + 1]) | (mask[pair] != 0).any(0)
+        n = int(apart.nonzero()[0]) if apart.any() else idx.shape[1] - 1
+        state, step = None, chunk_ctx if chunk_ctx > 0 else max(n, 1)
+        for s in range(0, n, step):
+            _, state = model.hidden(idx[i:i + 1, s:min(n, s + step)], state)
+        if state is not None:
+            state = [tuple(t.expand(2, *t.shape[1:]).contiguous() for t in layer) for layer in state]
+        sums.append(sequence_logps(model, idx[pair, n:], targets[pair, n:], mask[pair, n:], chunk_ctx, state))
+    return torch.cat(sums)
 
 
 def _piece_logps(head, x, targets, mask, n_tokens):

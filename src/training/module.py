@@ -2,7 +2,7 @@
 import pytorch_lightning as pl
 import torch
 
-from .loss import lm_loss, sequence_logps
+from .loss import lm_loss, reference_pair_logps, sequence_logps
 
 
 class RWKVLightning(pl.LightningModule):
@@ -43,7 +43,7 @@ class RWKVLightning(pl.LightningModule):
         ref = (None, None)
         if reference:   # first: its temporaries are gone before the trained pass holds its activations
             with torch.no_grad(), self.reference.switched_in(self.model):
-                ref = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2).unbind(1)
+                ref = reference_pair_logps(self.model, *rows, self.chunk_ctx).view(-1, 2).unbind(1)
         logps = sequence_logps(self.model, *rows, self.chunk_ctx).view(-1, 2)
         counts = mask.sum(-1)
         return PairLogps(logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1], *ref)

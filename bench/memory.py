@@ -14,8 +14,8 @@ WKV state trains, every weight frozen) with Bone r=64 at the same shape, fused h
 --ctx (default 512,2048).
 
 With --preference it compares instead a preference step on one pair (its chosen and rejected
-sequences, each --ctx tokens, default 1024, the reply the second half) with an SFT step on the
-same two sequences and mask: dpo (the trained pass and the reference pass without gradients),
+sequences, each --ctx tokens, default 1024, sharing the first half, the prompt; the reply the second
+half) with an SFT step on the same two sequences and mask: dpo (the trained pass and the reference pass without gradients),
 simpo and orpo (no reference), fused head + loss, for --family.
 
 With --quant nf4,int8 it compares instead a bf16 base with the same base held quantized as
@@ -133,16 +133,18 @@ def one_config(args):
 
 
 def preference_step(args, model, idx, targets):
-    """The step of a preference configuration: one pair, chosen and rejected each ctx tokens (the
-    pair's tokens the given sample and its reverse), the reply the second half; sft is the language-
-    model loss on the same two sequences and mask."""
+    """The step of a preference configuration: one pair, chosen and rejected each ctx tokens, the
+    reply the second half (as in real pairs, the first half, the prompt, is the same in both: the
+    given sample's; the chosen reply is the rest of the sample, the rejected one the sample's reverse);
+    sft is the language-model loss on the same two sequences and mask."""
     import torch
     import train        # for every configuration, sft too: the same imports in each process
     from src.training.loss import lm_loss
     from src.training.module import RWKVLightning
-    idx, targets = (torch.cat([t, t.flip(1)]) for t in (idx, targets))      # [2, T]
+    half = args.ctx // 2
+    idx, targets = (torch.cat([t, torch.cat([t[:, :half], t.flip(1)[:, half:]], 1)]) for t in (idx, targets))  # [2, T]
     mask = torch.zeros_like(idx)
-    mask[:, args.ctx // 2:] = 1
+    mask[:, half:] = 1
     if args.config == "sft":
         def loss():
             return lm_loss(model, idx, targets, mask)

@@ -14,9 +14,9 @@ WKV state trains, every weight frozen) with Bone r=64 at the same shape, fused h
 --ctx (default 512,2048).
 
 With --preference it compares instead a preference step on one pair (its chosen and rejected
-sequences, each --ctx tokens, default 1024, sharing the first half, the prompt; the reply the second
-half) with an SFT step on the same two sequences and mask: dpo (the trained pass and the reference pass without gradients),
-simpo and orpo (no reference), fused head + loss, for --family.
+sequences, each --ctx tokens, default 1024, sharing the first half, the prompt; the reply the
+second half) with an SFT step on the same two sequences and mask: dpo (the trained pass and the
+reference pass without gradients), simpo and orpo (no reference), fused head + loss, for --family.
 
 With --quant nf4,int8 it compares instead a bf16 base with the same base held quantized as
 train.py --quant holds it (src/quant.py), at the RWKV-6 0.4B shape (24 layers, 1024 wide) unless

@@ -8,12 +8,24 @@ import torch
 FACTOR_LIMIT = 60.0
 
 
-def to_chunks(x, L, dtype):
-    """[B, T, H, N] -> [B, H, n_chunks, L, N] in `dtype`, zero-padded at the end of time."""
+def to_chunks(x, L, dtype, out=None):
+    """[B, T, H, N] -> [B, H, n_chunks, L, N] in `dtype`, zero-padded at the end of time; written
+    into `out` (any strided tensor of that shape) when given. One copy, no intermediate tensor."""
     B, T, H, N = x.shape
-    pad = -T % L
-    x = torch.nn.functional.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-    return x.view(B, (T + pad) // L, L, H, N).permute(0, 3, 1, 2, 4).contiguous()
+    C, full = -(-T // L), T // L
+    if out is None:
+        out = x.new_empty(B, H, C, L, N, dtype=dtype)
+    out[:, :, :full].copy_(x[:, :full * L].unflatten(1, (full, L)).permute(0, 3, 1, 2, 4))
+    if full < C:
+        out[:, :, full, :T - full * L].copy_(x[:, full * L:].transpose(1, 2))
+        out[:, :, full, T - full * L:].zero_()
+    return out
+
+
+def unchunk(x, T, dtype):
+    """[B, H, n_chunks, L, N] -> [B, T, H, N] in `dtype` (no autograd; from_chunks is its differentiable form)."""
+    B, H, C, L, N = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
 
 
 def from_chunks(x, T, dtype):
@@ -26,9 +38,8 @@ def from_chunks(x, T, dtype):
 class _FromChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, T, dtype):
-        B, H, C, L, N = x.shape
-        ctx.L, ctx.dtype = L, x.dtype
-        return x.permute(0, 2, 3, 1, 4).reshape(B, C * L, H, N)[:, :T].to(dtype)
+        ctx.L, ctx.dtype = x.shape[3], x.dtype
+        return unchunk(x, T, dtype)
 
     @staticmethod
     def backward(ctx, g):

@@ -19,7 +19,7 @@ same steps is about 3x slower and keeps several L x L x N temporaries alive.
 """
 import torch
 
-from .chunks import FACTOR_LIMIT, from_chunks, to_chunks
+from .chunks import FACTOR_LIMIT, to_chunks, unchunk
 
 # The largest per-step decay -lw = e^w for the factored pair products. Their w gradient's error,
 # measured against the float64 reference (tests/test_wkv6_cpu.py), grows with it and with the
@@ -78,7 +78,7 @@ class _ChunkedWKV6(torch.autograd.Function):
 
         y = A @ v + b * v + q @ starts
         ctx.save_for_backward(r, k, v, lw, u, pair_factor, A, b, from_start, to_end, chunk_decay, starts)
-        return from_chunks(y, T, ctx.dtypes[0]), s
+        return unchunk(y, T, ctx.dtypes[0]), s
 
     @staticmethod
     def backward(ctx, gy, gs_end):
@@ -125,7 +125,7 @@ class _ChunkedWKV6(torch.autograd.Function):
         gw = g_lw * lw
 
         dt = ctx.dtypes
-        grads = [from_chunks(g, T, d) for g, d in zip((gr, gk, gv, gw), dt[:4])]
+        grads = [unchunk(g, T, d) for g, d in zip((gr, gk, gv, gw), dt[:4])]
         return (*grads, gu.to(dt[4]), gs.to(dt[5]), None)
 
 

@@ -1,5 +1,5 @@
 """Chunked WKV7 for the CPU: the recurrence as batched tensor products within chunks of L steps,
-with a short loop carrying the state from chunk to chunk (its backward written out, the rest autograd's).
+with a short loop carrying the state from chunk to chunk; both backward passes written out.
 
 The step is S_t = S_{t-1} (D_t + a_t b_t^T) + v_t k_t^T, y_t = S_t r_t (wkv7_reference.py). With
 c the inclusive cumulative sum of the log decays lw = -exp(w) inside a chunk, p the exclusive
@@ -15,18 +15,20 @@ one, S_0 the chunk's starting state and u_t = S_{t-1} a_t (what the state holds 
 
 Everything but the scan S_{i+1} = S_i M_i + E_i is computed for all chunks at once, and M_i is
 never formed: S M = S diag(e^{c_L}) + (S W^T) B_end, two thin products instead of an N x N one.
+The four pair matrices are the blocks of one [2L, 2L] matrix P = [[A_ab, A_ak], [B_rb, B_rk]].
 Every exponent e^{p_t - c_s} is a sum of log decays (<= 0); it is computed as e^{p_t} e^{-c_s}, so
-that each pair matrix is one [L, N] x [N, L] product, unless a chunk decays by more than
-FACTOR_LIMIT, where e^{-c_s} could overflow: then each pair is summed from its own exponent
-through an [L, L, N] tensor. The state comes in and goes out with its gradient, so a sample run in
-pieces (--chunk_ctx) is exact. The chunk terms are recomputed in the backward pass (checkpoint),
-and the scan's backward is written out (_StateScan), so only the inputs, the scan's per-chunk
-terms and the chunk states are kept.
+that P is one [2L, N] x [N, 2L] product, X Y^T with X = [a e^p; r e^c], Y = [b e^-c; k e^-c]
+(_FactoredTerms, its backward written out and its forward recomputed there, so that only the
+model's own inputs are kept). Where a chunk decays by more than FACTOR_LIMIT, e^{-c_s} could
+overflow: there each pair is summed from its own exponent through an [L, L, N] tensor, and
+autograd differentiates it (_pairwise_terms, recomputed in the backward pass by checkpoint).
+The state comes in and goes out with its gradient, so a sample run in pieces (--chunk_ctx) is
+exact. The scan's backward is written out too (_StateScan).
 """
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .chunks import FACTOR_LIMIT, from_chunks, to_chunks
+from .chunks import FACTOR_LIMIT, from_chunks, to_chunks, unchunk
 
 DEFAULT_CHUNK_LEN = 16
 # FACTOR_LIMIT (chunks.py): the model's decays (w <= -0.5, so -lw <= 0.61) reach at most 16 * 0.61 = 9.7.
@@ -37,9 +39,7 @@ def wkv7_cpu(r, w, k, v, a, b, state=None, chunk_len=DEFAULT_CHUNK_LEN):
     (float64 inputs stay float64 throughout)."""
     B, T, H, N = r.shape
     f = torch.float64 if r.dtype == torch.float64 else torch.float32
-    # Recomputed in the backward pass rather than kept: autograd would hold a dozen per-chunk
-    # tensors per layer. The inputs kept are the model's own tensors (the chunked copies are not).
-    W, B_end, decay, E, Q, y_inside = checkpoint(_chunk_terms, r, w, k, v, a, b, min(chunk_len, T), use_reentrant=False)
+    W, B_end, decay, E, Q, y_inside = _chunk_terms(r, w, k, v, a, b, min(chunk_len, T))
     S = torch.zeros(B, H, N, N, dtype=f, device=r.device) if state is None else state.to(f)
     starts, S = _StateScan.apply(W, B_end, decay, E, S)
     return from_chunks(Q @ starts.mT + y_inside, T, r.dtype), S
@@ -49,26 +49,114 @@ def _chunk_terms(r, w, k, v, a, b, L):
     """Per chunk: what the state scan needs (W, B_end, the decay e^{c_L}, E), Q and the chunk's own
     part of y (see the module doc)."""
     f = torch.float64 if r.dtype == torch.float64 else torch.float32
+    with torch.no_grad():      # the largest decay of a chunk, -c_L, over chunks and channels
+        largest = to_chunks(w.to(f).exp(), L, f).sum(-2).max()
+    if largest <= FACTOR_LIMIT:
+        return _FactoredTerms.apply(r, w, k, v, a, b, L)
+    return checkpoint(_pairwise_terms, r, w, k, v, a, b, L, use_reentrant=False)
+
+
+def _solve(P, a_p, r_c, V):
+    """From the pair matrices P (module doc): (I - A_ab)^-1, W, [U'; V], Q and the chunk's own y."""
+    L = V.shape[-2]
+    inverse = _unit_lower_inverse(P[..., :L, :L])
+    W = inverse @ a_p
+    UV = torch.cat([inverse @ (P[..., :L, L:] @ V), V], -2)
+    return inverse, W, UV, r_c + P[..., L:, :L] @ W, P[..., L:, :] @ UV
+
+
+def _factored_parts(r, w, k, v, a, b, L):
+    """X = [a e^p; r e^c] and Y = [b e^-c; k e^-c] ([B, H, C, 2L, N]), V, c and lw, in chunks."""
+    B, T, H, N = r.shape
+    f = torch.float64 if r.dtype == torch.float64 else torch.float32
+    X = r.new_empty(B, H, -(-T // L), 2 * L, N, dtype=f)
+    Y = torch.empty_like(X)
+    for x, into in ((a, X[..., :L, :]), (r, X[..., L:, :]), (b, Y[..., :L, :]), (k, Y[..., L:, :])):
+        to_chunks(x, L, f, out=into)
+    lw = to_chunks(w, L, f).exp_().neg_()
+    if T % L:
+        lw[:, :, -1, T % L:] = 0        # padded steps (r = k = v = a = b = 0) decay by 1: the state passes
+    c = lw.cumsum(-2)
+    X[..., :L, :].mul_(torch.sub(c, lw).exp_())
+    X[..., L:, :].mul_(c.exp())
+    Y.unflatten(-2, (2, L)).mul_(c.neg().exp_().unsqueeze(-3))
+    return X, Y, to_chunks(v, L, f), c, lw
+
+
+def _pair_mask(L, like):
+    """1 where P's blocks keep a pair: s < t in the A rows, s <= t in the B rows."""
+    i = torch.arange(L, device=like.device)
+    strict, inclusive = (i[None, :] < i[:, None]).repeat(1, 2), (i[None, :] <= i[:, None]).repeat(1, 2)
+    return torch.cat([strict, inclusive]).to(like.dtype)
+
+
+class _FactoredTerms(torch.autograd.Function):
+    """_chunk_terms where every chunk's decay is within FACTOR_LIMIT. The backward pass recomputes
+    the forward's parts from the inputs and runs its products backwards; autograd over the same steps
+    ran the forward twice (checkpoint) and allocated a tensor per elementwise step."""
+
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, L):
+        X, Y, V, c, _ = _factored_parts(r, w, k, v, a, b, L)
+        d = c[..., -1:, :].exp()
+        P = (X @ Y.mT).mul_(_pair_mask(L, X))
+        _, W, UV, Q, y_inside = _solve(P, X[..., :L, :], X[..., L:, :], V)
+        ctx.L = L
+        ctx.save_for_backward(r, w, k, v, a, b, W)
+        return W, Y[..., :L, :] * d, d, (UV.mT @ Y).mul_(d), Q, y_inside
+
+    @staticmethod
+    def backward(ctx, gW, gB_end, gd, gE, gQ, gy):
+        r, w, k, v, a, b, W = ctx.saved_tensors
+        L, T = ctx.L, r.shape[1]
+        X, Y, V, c, lw = _factored_parts(r, w, k, v, a, b, L)
+        d = c[..., -1:, :].exp()
+        mask = _pair_mask(L, X)
+        P = (X @ Y.mT).mul_(mask)
+        inverse, _, UV, _, _ = _solve(P, X[..., :L, :], X[..., L:, :], V)
+        # E = UV^T (Y d), B_end = (b e^-c) d, y_inside = [B_rb | B_rk] UV, Q = r e^c + B_rb W.
+        UV_gE = UV @ gE
+        g_UV = P[..., L:, :].mT @ gy + Y @ (gE * d).mT
+        g_W = gW + P[..., L:, :L].mT @ gQ
+        # W = inverse (a e^p), U' = inverse (A_ak V): through (I - A_ab)^-1, G = inverse^T dOut.
+        G_W, G_U = inverse.mT @ g_W, inverse.mT @ g_UV[..., :L, :]
+        g_P = torch.cat([torch.cat([G_W @ W.mT + G_U @ UV[..., :L, :].mT, G_U @ V.mT], -1),
+                         torch.cat([gy @ UV[..., :L, :].mT + gQ @ W.mT, gy @ V.mT], -1)], -2).mul_(mask)
+        g_V = g_UV[..., L:, :] + P[..., :L, L:].mT @ G_U
+        # P = X Y^T
+        g_X = g_P @ Y
+        g_X[..., :L, :] += G_W
+        g_X[..., L:, :] += gQ
+        g_Y = (g_P.mT @ X).addcmul_(UV_gE, d)
+        g_Y[..., :L, :].addcmul_(gB_end, d)
+        g_d = gd + (Y * UV_gE).sum(-2, keepdim=True) + (gB_end * Y[..., :L, :]).sum(-2, keepdim=True)
+        # X = [a e^p; r e^c], Y = [b e^-c; k e^-c], p = c - lw, c = cumsum(lw), d = e^{c_L}, lw = -e^w.
+        g_p = g_X[..., :L, :] * X[..., :L, :]
+        g_c = g_X[..., L:, :] * X[..., L:, :] - (g_Y * Y).unflatten(-2, (2, L)).sum(-3) + g_p
+        g_c[..., -1:, :] += g_d * d
+        g_lw = g_c.flip(-2).cumsum(-2).flip(-2) - g_p
+        g_X[..., :L, :] *= torch.sub(c, lw).exp_()
+        g_X[..., L:, :] *= c.exp()
+        g_Y.unflatten(-2, (2, L)).mul_(c.neg().exp_().unsqueeze(-3))
+        grads = (g_X[..., L:, :], g_lw.mul_(lw), g_Y[..., L:, :], g_V, g_X[..., :L, :], g_Y[..., :L, :])
+        return (*(unchunk(g, T, x.dtype) for g, x in zip(grads, (r, w, k, v, a, b))), None)
+
+
+def _pairwise_terms(r, w, k, v, a, b, L):
+    """_chunk_terms for decays past FACTOR_LIMIT, differentiated by autograd."""
+    f = torch.float64 if r.dtype == torch.float64 else torch.float32
     # Padded steps have r = k = v = a = b = 0 and lw = 0 (decay 1): the state passes through.
     R, K, V, A, Bb = (to_chunks(x, L, f) for x in (r, k, v, a, b))
     lw = to_chunks(-torch.exp(w.to(f)), L, f)
     c = lw.cumsum(-2)
     p = c - lw
     c_last = c[..., -1:, :]
-    a_p, r_c = A * p.exp(), R * c.exp()
-    if c_last.min() >= -FACTOR_LIMIT:
-        # e^{p_t - c_s} = e^{p_t} e^{-c_s}: each pair matrix is one [L, N] x [N, L] product.
-        b_c, k_c = Bb * (-c).exp(), K * (-c).exp()
-        pairs = ((x @ y.mT).tril(d) for x, y, d in ((a_p, b_c, -1), (a_p, k_c, -1), (r_c, b_c, 0), (r_c, k_c, 0)))
-    else:
-        pairs = (_pairwise(x, y, e, c, d) for x, y, e, d in ((A, Bb, p, -1), (A, K, p, -1), (R, Bb, c, 0), (R, K, c, 0)))
-    A_ab, A_ak, B_rb, B_rk = pairs      # A_*: s < t, exponent p_t - c_s;  B_*: s <= t, c_t - c_s
-    inverse = _unit_lower_inverse(A_ab)
-    W, U = inverse @ a_p, inverse @ (A_ak @ V)
+    P = torch.cat([torch.cat([_pairwise(A, Bb, p, c, -1), _pairwise(A, K, p, c, -1)], -1),
+                   torch.cat([_pairwise(R, Bb, c, c, 0), _pairwise(R, K, c, c, 0)], -1)], -2)
+    _, W, UV, Q, y_inside = _solve(P, A * p.exp(), R * c.exp(), V)
     to_end = (c_last - c).exp()
     B_end = Bb * to_end
-    E = torch.cat([U, V], -2).mT @ torch.cat([B_end, K * to_end], -2)     # U^T B_end + V^T K_end in one product
-    return W, B_end, c_last.exp(), E, r_c + B_rb @ W, B_rb @ U + B_rk @ V
+    return W, B_end, c_last.exp(), UV.mT @ torch.cat([B_end, K * to_end], -2), Q, y_inside
 
 
 def _pairwise(x, y, e_x, c, diagonal):

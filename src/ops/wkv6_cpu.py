@@ -53,28 +53,28 @@ class _ChunkedWKV6(torch.autograd.Function):
         L = min(chunk_len or (FACTORED_CHUNK_LEN if factored else PAIRWISE_CHUNK_LEN), T)
         # Padded steps have k = 0 (add nothing) and lw = 0 (decay 1): the state passes through.
         r, k, v, lw = (to_chunks(x, L, f) for x in (r, k, v, lw))
-        u = u.to(f)[:, None, None, :]                                   # broadcasts over [B, H, C, L, N]
+        u = u.to(f)[:, None, :]                                         # broadcasts over [C, B, H, L, N]
         c = torch.cumsum(lw.double(), dim=-2)
         p = torch.nn.functional.pad(c, (0, 0, 1, 0))[..., :-1, :]
         c_last = c[..., -1:, :]
 
         from_start = p.exp().to(f)              # decay from the chunk start to just before t
         to_end = (c_last - c).exp().to(f)       # decay from just after s to the chunk end
-        chunk_decay = c_last.exp().to(f).transpose(-1, -2)              # [B, H, C, N, 1]
+        chunk_decay = c_last.exp().to(f).transpose(-1, -2)              # [C, B, H, N, 1]
         q = r * from_start
         if factored and c_last.min() >= -FACTOR_LIMIT:
             # e^{p_t - c_s} = e^{p_t} e^{-c_s}: A is one [L, N] x [N, L] product per chunk.
-            pair_factor = (-c).exp().to(f)                               # e^{-c_s}, [B, H, C, L, N]
+            pair_factor = (-c).exp().to(f)                               # e^{-c_s}, [C, B, H, L, N]
             A = (q @ (k * pair_factor).mT).tril_(-1)
         else:
-            pair_factor = _pair_decays(lw)                               # [B, H, C, L(t), L(s), N]
-            A = (pair_factor * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)       # [B, H, C, L(t), L(s)]
-        b = (r * u * k).sum(-1, keepdim=True)                            # [B, H, C, L, 1]
-        kv = (k * to_end).transpose(-1, -2) @ v                           # [B, H, C, N, N]
-        states = _scan(kv, chunk_decay, s0.to(f), reverse=False)       # [B, H, C + 1, N, N]
+            pair_factor = _pair_decays(lw)                               # [C, B, H, L(t), L(s), N]
+            A = (pair_factor * r.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)       # [C, B, H, L(t), L(s)]
+        b = (r * u * k).sum(-1, keepdim=True)                            # [C, B, H, L, 1]
+        kv = (k * to_end).transpose(-1, -2) @ v                           # [C, B, H, N, N]
+        states = _scan(kv, chunk_decay, s0.to(f), reverse=False)       # [C + 1, B, H, N, N]
         # The final state as a copy: a view would keep every chunk's state alive with it (a
         # sample run in pieces holds each piece's final state until its backward pass).
-        starts, s = states[:, :, :-1], states[:, :, -1].clone()
+        starts, s = states[:-1], states[-1].clone()
 
         y = A @ v + b * v + q @ starts
         ctx.save_for_backward(r, k, v, lw, u, pair_factor, A, b, from_start, to_end, chunk_decay, starts)
@@ -87,10 +87,10 @@ class _ChunkedWKV6(torch.autograd.Function):
         gy = to_chunks(gy, L, ctx.compute_dtype)
         q, k_end = r * from_start, k * to_end
 
-        # State gradient back through the chunks: gs_next[:, :, i] = dLoss/dS at the end of chunk i.
-        gs_end = torch.zeros_like(starts[:, :, 0]) if gs_end is None else gs_end.to(ctx.compute_dtype)
+        # State gradient back through the chunks: gs_next[i] = dLoss/dS at the end of chunk i.
+        gs_end = torch.zeros_like(starts[0]) if gs_end is None else gs_end.to(ctx.compute_dtype)
         g_states = _scan(q.transpose(-1, -2) @ gy, chunk_decay, gs_end, reverse=True)
-        gs, gs_next = g_states[:, :, 0], g_states[:, :, 1:]
+        gs, gs_next = g_states[0], g_states[1:]
 
         gA = (gy @ v.transpose(-1, -2)).tril_(-1)
         gb = (gy * v).sum(-1, keepdim=True)
@@ -109,7 +109,7 @@ class _ChunkedWKV6(torch.autograd.Function):
             gr = gb * u * k + gq * from_start
         else:
             # Summed directly (not as a total minus a cumulative sum) to avoid cancellation.
-            g_decay = gA.unsqueeze(-1) * pair_factor                      # [B, H, C, L(t), L(s), N]
+            g_decay = gA.unsqueeze(-1) * pair_factor                      # [C, B, H, L(t), L(s), N]
             g_decay_r = g_decay * r.unsqueeze(-2)
             gk_A = g_decay_r.sum(-3)
             gr = (g_decay * k.unsqueeze(-3)).sum(-2) + gb * u * k + gq * from_start
@@ -118,7 +118,7 @@ class _ChunkedWKV6(torch.autograd.Function):
             later = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)[:, :, None]
             g_lw = pair_terms.masked_fill_(~later, 0).sum(-3)
         gk = gk_A + gb * u * r + gk_end * to_end
-        gu = (gb * r * k).sum((0, 2, 3))
+        gu = (gb * r * k).sum((0, 1, 3))
         g_lw += _exclusive_cumsum((gq * q).flip(-2)).flip(-2)
         g_lw += _exclusive_cumsum(gk_end * k_end)
         g_lw += ((starts * gs_next).sum(-1, keepdim=True) * chunk_decay).transpose(-1, -2)
@@ -148,12 +148,11 @@ def _exclusive_cumsum(x):
 
 def _scan(increments, decay, first, reverse):
     """The chunk-level recurrence x_{i+1} = decay_i * x_i + increments_i, run forward, or
-    backward (x_i = decay_i * x_{i+1} + increments_i). Returns all C + 1 values along dim 2."""
-    increments, decay = increments.movedim(2, 0), decay.movedim(2, 0)    # chunk-major: contiguous steps
+    backward (x_i = decay_i * x_{i+1} + increments_i). Returns all C + 1 values along dim 0."""
     C = increments.shape[0]
     out = increments.new_empty(C + 1, *increments.shape[1:])
     src, dst = (1, 0) if reverse else (0, 1)
     out[C if reverse else 0] = first
     for i in (range(C - 1, -1, -1) if reverse else range(C)):
         torch.addcmul(increments[i], decay[i], out[i + src], out=out[i + dst])
-    return out.movedim(0, 2)
+    return out

@@ -56,26 +56,30 @@ def _chunk_terms(r, w, k, v, a, b, L):
     return checkpoint(_pairwise_terms, r, w, k, v, a, b, L, use_reentrant=False)
 
 
-def _solve(P, a_p, r_c, V):
-    """From the pair matrices P (module doc): (I - A_ab)^-1, W, [U'; V], Q and the chunk's own y."""
+def _solve(P, a_p, V, W=None):
+    """From the pair matrices P (module doc): (I - A_ab)^-1, W (written into W when given) and [U'; V]."""
     L = V.shape[-2]
     inverse = _unit_lower_inverse(P[..., :L, :L])
-    W = inverse @ a_p
-    UV = torch.cat([inverse @ (P[..., :L, L:] @ V), V], -2)
-    return inverse, W, UV, r_c + P[..., L:, :L] @ W, P[..., L:, :] @ UV
+    return inverse, torch.matmul(inverse, a_p, out=W), torch.cat([inverse @ (P[..., :L, L:] @ V), V], -2)
+
+
+def _outputs(P, r_c, W, UV, out=(None, None)):
+    """Q = r e^c + B_rb W and the chunk's own part of y, [B_rb | B_rk] [U'; V] (written into `out` when given)."""
+    L = W.shape[-2]
+    return torch.add(r_c, P[..., L:, :L] @ W, out=out[0]), torch.matmul(P[..., L:, :], UV, out=out[1])
 
 
 def _factored_parts(r, w, k, v, a, b, L):
-    """X = [a e^p; r e^c] and Y = [b e^-c; k e^-c] ([B, H, C, 2L, N]), V, c and lw, in chunks."""
+    """X = [a e^p; r e^c] and Y = [b e^-c; k e^-c] ([C, B, H, 2L, N]), V, c and lw, in chunks."""
     B, T, H, N = r.shape
     f = torch.float64 if r.dtype == torch.float64 else torch.float32
-    X = r.new_empty(B, H, -(-T // L), 2 * L, N, dtype=f)
+    X = r.new_empty(-(-T // L), B, H, 2 * L, N, dtype=f)
     Y = torch.empty_like(X)
     for x, into in ((a, X[..., :L, :]), (r, X[..., L:, :]), (b, Y[..., :L, :]), (k, Y[..., L:, :])):
         to_chunks(x, L, f, out=into)
     lw = to_chunks(w, L, f).exp_().neg_()
     if T % L:
-        lw[:, :, -1, T % L:] = 0        # padded steps (r = k = v = a = b = 0) decay by 1: the state passes
+        lw[-1, :, :, T % L:] = 0        # padded steps (r = k = v = a = b = 0) decay by 1: the state passes
     c = lw.cumsum(-2)
     X[..., :L, :].mul_(torch.sub(c, lw).exp_())
     X[..., L:, :].mul_(c.exp())
@@ -97,23 +101,32 @@ class _FactoredTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, w, k, v, a, b, L):
+        B, T, H, N = r.shape
+        # The outputs first, the temporaries after: torch allocates with posix_memalign, and glibc
+        # cannot reuse a freed block of exactly a tensor's size for another tensor of that size, so
+        # temporaries freed between kept tensors stay in the heap. Outputs allocated among the
+        # temporaries left ~50 MB more resident at the end of a 6-layer RWKV-7 forward pass.
+        W, B_end, Q, y_inside = (r.new_empty(-(-T // L), B, H, L, N, dtype=torch.float64 if r.dtype == torch.float64 else torch.float32)
+                                 for _ in range(4))
         X, Y, V, c, _ = _factored_parts(r, w, k, v, a, b, L)
         d = c[..., -1:, :].exp()
         P = (X @ Y.mT).mul_(_pair_mask(L, X))
-        _, W, UV, Q, y_inside = _solve(P, X[..., :L, :], X[..., L:, :], V)
+        _, W, UV = _solve(P, X[..., :L, :], V, W)
+        torch.mul(Y[..., :L, :], d, out=B_end)
+        _outputs(P, X[..., L:, :], W, UV, (Q, y_inside))
         ctx.L = L
-        ctx.save_for_backward(r, w, k, v, a, b, W)
-        return W, Y[..., :L, :] * d, d, (UV.mT @ Y).mul_(d), Q, y_inside
+        ctx.save_for_backward(r, w, k, v, a, b)
+        return W, B_end, d, (UV.mT @ Y).mul_(d), Q, y_inside
 
     @staticmethod
     def backward(ctx, gW, gB_end, gd, gE, gQ, gy):
-        r, w, k, v, a, b, W = ctx.saved_tensors
+        r, w, k, v, a, b = ctx.saved_tensors
         L, T = ctx.L, r.shape[1]
         X, Y, V, c, lw = _factored_parts(r, w, k, v, a, b, L)
         d = c[..., -1:, :].exp()
         mask = _pair_mask(L, X)
         P = (X @ Y.mT).mul_(mask)
-        inverse, _, UV, _, _ = _solve(P, X[..., :L, :], X[..., L:, :], V)
+        inverse, W, UV = _solve(P, X[..., :L, :], V)
         # E = UV^T (Y d), B_end = (b e^-c) d, y_inside = [B_rb | B_rk] UV, Q = r e^c + B_rb W.
         UV_gE = UV @ gE
         g_UV = P[..., L:, :].mT @ gy + Y @ (gE * d).mT
@@ -153,10 +166,10 @@ def _pairwise_terms(r, w, k, v, a, b, L):
     c_last = c[..., -1:, :]
     P = torch.cat([torch.cat([_pairwise(A, Bb, p, c, -1), _pairwise(A, K, p, c, -1)], -1),
                    torch.cat([_pairwise(R, Bb, c, c, 0), _pairwise(R, K, c, c, 0)], -1)], -2)
-    _, W, UV, Q, y_inside = _solve(P, A * p.exp(), R * c.exp(), V)
+    _, W, UV = _solve(P, A * p.exp(), V)
     to_end = (c_last - c).exp()
     B_end = Bb * to_end
-    return W, B_end, c_last.exp(), UV.mT @ torch.cat([B_end, K * to_end], -2), Q, y_inside
+    return W, B_end, c_last.exp(), UV.mT @ torch.cat([B_end, K * to_end], -2), *_outputs(P, R * c.exp(), W, UV)
 
 
 def _pairwise(x, y, e_x, c, diagonal):
@@ -181,40 +194,41 @@ def _unit_lower_inverse(N):
 
 
 def _step(x, i):
-    """Chunk i of x [B, H, C, ...] as a batch of matrices [B * H, ...] (a view)."""
-    return x[:, :, i].flatten(0, 1)
+    """Chunk i of x [C, B, H, ...] as a batch of matrices [B * H, ...] (a contiguous view)."""
+    return x[i].flatten(0, 1)
 
 
 class _StateScan(torch.autograd.Function):
     """S_{i+1} = S_i diag(d_i) + (S_i W_i^T) B_end_i + E_i over the chunks i: the only sequential part.
-    Returns every chunk's starting state [B, H, C, N, N] and the final state. Written out by hand so
+    Returns every chunk's starting state [C, B, H, N, N] and the final state. Written out by hand so
     that the states are kept once (autograd's own loop kept each step's inputs and made every
-    chunk's gradient a separate tensor) and the backward loop is two products per chunk."""
+    chunk's gradient a separate tensor); each step writes its result in place, three calls a chunk."""
 
     @staticmethod
     def forward(ctx, W, B_end, d, E, S):
-        B, H, C, N, _ = E.shape
-        starts = E.new_empty(B, H, C, N, N)
+        C, B, H, N, _ = E.shape
+        states = E.new_empty(C + 1, B, H, N, N)
+        states[0] = S
+        X = E.new_empty(B * H, N, W.shape[-2])
         for i in range(C):
-            starts[:, :, i] = S
-            S_i = S.flatten(0, 1)
-            S = torch.baddbmm(torch.addcmul(_step(E, i), S_i, _step(d, i)), S_i @ _step(W, i).mT,
-                              _step(B_end, i)).view(B, H, N, N)
+            S_i = _step(states, i)
+            torch.bmm(S_i, _step(W, i).mT, out=X)
+            torch.addcmul(_step(E, i), S_i, _step(d, i), out=_step(states, i + 1)).baddbmm_(X, _step(B_end, i))
+        starts = states[:C]
         ctx.save_for_backward(W, B_end, d, starts)
-        return starts, S
+        # The final state as a copy: a view would keep every chunk's state alive with it.
+        return starts, states[C].clone()
 
     @staticmethod
     def backward(ctx, g_starts, g_S):
         W, B_end, d, starts = ctx.saved_tensors
-        B, H, C, N, _ = starts.shape
-        g_starts = torch.zeros_like(starts) if g_starts is None else g_starts
-        G = torch.zeros_like(starts[:, :, 0]) if g_S is None else g_S.to(starts.dtype)
+        C, B, H, N, _ = starts.shape
         g_E = torch.empty_like(starts)          # chunk i: dLoss/dS_{i+1}, which is also dLoss/dE_i
+        g_E[C - 1] = g_S
+        g_S0 = torch.empty_like(g_E[0])
+        g_X = g_E.new_empty(C, B, H, N, W.shape[-2])   # dLoss/d(S_i W_i^T) = G_{i+1} B_end_i^T
         for i in range(C - 1, -1, -1):
-            g_E[:, :, i] = G
-            G_i = G.flatten(0, 1)
-            G = torch.baddbmm(torch.addcmul(_step(g_starts, i), G_i, _step(d, i)), G_i @ _step(B_end, i).mT,
-                              _step(W, i)).view(B, H, N, N)
-        # The rest for all chunks at once, with X = S W^T: dX = G B_end^T, dW = dX^T S, dB_end = X^T G.
-        g_X = g_E @ B_end.mT
-        return g_X.mT @ starts, (starts @ W.mT).mT @ g_E, (g_E * starts).sum(-2, keepdim=True), g_E, G
+            G = _step(g_E, i)
+            torch.bmm(G, _step(B_end, i).mT, out=_step(g_X, i))
+            torch.addcmul(_step(g_starts, i), G, _step(d, i), out=_step(g_E, i - 1) if i else g_S0.flatten(0, 1)).baddbmm_(_step(g_X, i), _step(W, i))
+        return g_X.mT @ starts, (starts @ W.mT).mT @ g_E, (g_E * starts).sum(-2, keepdim=True), g_E, g_S0

@@ -42,16 +42,17 @@ def wkv7_cpu(r, w, k, v, a, b, state=None, chunk_len=DEFAULT_CHUNK_LEN):
     W, B_end, decay, E, Q, y_inside = _chunk_terms(r, w, k, v, a, b, min(chunk_len, T))
     S = torch.zeros(B, H, N, N, dtype=f, device=r.device) if state is None else state.to(f)
     starts, S = _StateScan.apply(W, B_end, decay, E, S)
-    return from_chunks(Q @ starts.mT + y_inside, T, r.dtype), S
+    y = torch.baddbmm(y_inside.flatten(0, 2), Q.flatten(0, 2), starts.flatten(0, 2).mT)
+    return from_chunks(y.view(Q.shape), T, r.dtype), S
 
 
 def _chunk_terms(r, w, k, v, a, b, L):
     """Per chunk: what the state scan needs (W, B_end, the decay e^{c_L}, E), Q and the chunk's own
     part of y (see the module doc)."""
     f = torch.float64 if r.dtype == torch.float64 else torch.float32
-    with torch.no_grad():      # the largest decay of a chunk, -c_L, over chunks and channels
-        largest = to_chunks(w.to(f).exp(), L, f).sum(-2).max()
-    if largest <= FACTOR_LIMIT:
+    with torch.no_grad():      # the largest decay of a chunk, -c_L, over chunks and channels: L e^{max w} bounds it
+        factored = L * w.max().to(f).exp() <= FACTOR_LIMIT or to_chunks(w.to(f).exp(), L, f).sum(-2).max() <= FACTOR_LIMIT
+    if factored:
         return _FactoredTerms.apply(r, w, k, v, a, b, L)
     return checkpoint(_pairwise_terms, r, w, k, v, a, b, L, use_reentrant=False)
 
@@ -129,7 +130,7 @@ class _FactoredTerms(torch.autograd.Function):
         inverse, W, UV = _solve(P, X[..., :L, :], V)
         # E = UV^T (Y d), B_end = (b e^-c) d, y_inside = [B_rb | B_rk] UV, Q = r e^c + B_rb W.
         UV_gE = UV @ gE
-        g_UV = P[..., L:, :].mT @ gy + Y @ (gE * d).mT
+        g_UV = P[..., L:, :].mT @ gy + (Y * d) @ gE.mT
         g_W = gW + P[..., L:, :L].mT @ gQ
         # W = inverse (a e^p), U' = inverse (A_ak V): through (I - A_ab)^-1, G = inverse^T dOut.
         G_W, G_U = inverse.mT @ g_W, inverse.mT @ g_UV[..., :L, :]

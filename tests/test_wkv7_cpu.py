@@ -123,6 +123,20 @@ def test_a_broken_recurrence_is_caught(monkeypatch):
     assert errors["y"] > 1e-3 and errors["dw"] > 1e-3, errors
 
 
+@pytest.mark.numerical
+def test_a_backward_missing_a_path_is_caught(monkeypatch):
+    """The written-out backward of the chunk terms with the chunk decay's gradient dropped: the values
+    still match, the w gradient must not."""
+    real = wkv7_cpu_module._FactoredTerms.backward
+
+    def without_decay(ctx, gW, gB_end, gd, *rest):
+        return real(ctx, gW, gB_end, torch.zeros_like(gd), *rest)
+    monkeypatch.setattr(wkv7_cpu_module._FactoredTerms, "backward", staticmethod(without_decay))
+    inputs = make_inputs(1, 40, 1, 8, seed=2)
+    errors = relative_errors(outputs_and_grads(lambda *x: wkv7_cpu(*x[:6], x[6], chunk_len=8), inputs), reference(inputs))
+    assert errors["y"] <= 1e-10 and errors["dw"] > 1e-3, errors
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda x: {**x, "k": x["k"][:, :3]}, "k has shape"),
     (lambda x: {**x, "state": x["state"][:, :1]}, "state must have shape"),

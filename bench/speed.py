@@ -18,7 +18,7 @@ in its own process, as RWKV-7 needs), both timed alike (src/generation.py's gene
 of --repeat): prefill reads a --gen_prompt-token prompt in one call; per token is the time of
 --gen_tokens + 1 new tokens after a 6-token prompt less that of 1.
 
-    python bench/speed.py [--ctx 1024] [--layers 6 --width 512] [--repeat 3] [--threads N]
+    python bench/speed.py [--ctx 1024] [--layers 6 --width 512] [--repeat 5] [--threads N]
     python bench/speed.py --tiny      (a smoke run of a few seconds, for CI: its figures mean nothing)
 
 The ratios are the last lines.
@@ -119,7 +119,7 @@ def main():
     p.add_argument("--vocab", type=int, default=65536)
     p.add_argument("--head_size", type=int, default=64)
     p.add_argument("--r", type=int, default=64, help="Bone's block size")
-    p.add_argument("--repeat", type=int, default=3, help="timed steps per family (the best is kept)")
+    p.add_argument("--repeat", type=int, default=5, help="timed steps (and generation runs) per family (the best is kept)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--gen_prompt", type=int, default=512, help="tokens of the prompt read in one call (prefill)")
     p.add_argument("--gen_tokens", type=int, default=64, help="new tokens timed one by one")

@@ -58,7 +58,7 @@ class TimeMix7(nn.Module):
         if self.layer_id == 0:
             v_first = v       # layer 0's v0, v1, v2 are in the file but unused, as in the reference
         else:
-            v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
+            v = torch.lerp(v, v_first, torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2))   # v + (v_first - v) * gate, one pass
         a = torch.sigmoid(self.a0 + (xa @ self.a1) @ self.a2)
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize(heads(k * self.k_k), dim=-1, p=2.0)

@@ -7,6 +7,14 @@ from torch.utils import cpp_extension
 from src.ops.cuda_build import CUDA_DIR
 
 
+def build_directory(pytestconfig, tmp_path_factory, name):
+    """Where an emulated kernel is built: pytest's cache directory when the cache is on, so that
+    .ci/run's reruns of the numerical tests reuse the main run's builds (ninja rebuilds what a
+    changed source needs, and a build takes 7-8 s), else a fresh temporary directory."""
+    cache = getattr(pytestconfig, "cache", None)
+    return cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
+
+
 def build_emulation(op, head_size, directory, defines=()):
     """cuda/{op}_op.cpp and cuda/{op}_cuda.cu (through cuda/emu/{op}_emu.cpp) compiled by g++
     against cuda/emu/cuda_emu.h: the real kernel on CPU tensors. `defines`: extra -D names."""

@@ -8,6 +8,7 @@ import torch
 from src.ops.wkv6_cuda import wkv6_with
 from src.ops.wkv6_reference import wkv6_reference
 from tests import wkv6_cuda_fixture as fixture
+from tests.cuda_cases import build_directory
 from tests.wkv6_cuda_cases import assert_close, build_emulation, make_case, reference, relative_errors, run
 
 pytestmark = [pytest.mark.numerical, pytest.mark.skipif(shutil.which("c++") is None or shutil.which("ninja") is None,
@@ -15,13 +16,14 @@ pytestmark = [pytest.mark.numerical, pytest.mark.skipif(shutil.which("c++") is N
 
 
 @pytest.fixture(scope="session")
-def emu_builds(tmp_path_factory):
-    """Builds per head size, once per test session."""
+def emu_builds(pytestconfig, tmp_path_factory):
+    """Builds per head size, loaded once per test session."""
     cache = {}
 
     def get(head_size):
         if head_size not in cache:
-            cache[head_size] = build_emulation(head_size, tmp_path_factory.mktemp(f"wkv6_emu_n{head_size}"))
+            directory = build_directory(pytestconfig, tmp_path_factory, f"wkv6_emu_n{head_size}")
+            cache[head_size] = build_emulation(head_size, directory)
         return cache[head_size]
     return get
 

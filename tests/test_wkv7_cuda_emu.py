@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from src.ops.wkv7_cuda import wkv7_with
+from tests.cuda_cases import build_directory
 from tests.wkv7_cuda_cases import (NAMES, TOLERANCE, assert_close, build_emulation, make_case, reference,
                                    relative_errors, run)
 
@@ -15,14 +16,14 @@ pytestmark = [pytest.mark.numerical, pytest.mark.skipif(shutil.which("c++") is N
 
 
 @pytest.fixture(scope="session")
-def emu_builds(tmp_path_factory):
-    """Builds per (head size, extra defines), once per test session."""
+def emu_builds(pytestconfig, tmp_path_factory):
+    """Builds per (head size, extra defines), loaded once per test session."""
     cache = {}
 
     def get(head_size, defines=()):
         key = (head_size, tuple(defines))
         if key not in cache:
-            directory = tmp_path_factory.mktemp("_".join([f"wkv7_emu_n{head_size}", *defines]))
+            directory = build_directory(pytestconfig, tmp_path_factory, "_".join([f"wkv7_emu_n{head_size}", *defines]))
             cache[key] = build_emulation(head_size, directory, defines)
         return cache[key]
     return get
